@@ -1,0 +1,67 @@
+import swagger from '@fastify/swagger';
+import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
+import Fastify, { type FastifyInstance } from 'fastify';
+import type { ImageService } from '../images/service.js';
+import type { Store } from '../store/store.js';
+import { newId } from '../util/ids.js';
+import { requireApiKey } from './auth.js';
+import { errorHandler } from './errors.js';
+import { buildRoutes } from './routes/builds.js';
+import { imageRoutes } from './routes/images.js';
+import { vmRoutes } from './routes/vms.js';
+import { ErrorSchema, ImageDetail } from './schemas.js';
+
+export interface ApiDeps {
+  store: Store;
+  images: ImageService;
+  logger: FastifyInstance['log'];
+}
+
+export async function buildApi(deps: ApiDeps): Promise<FastifyInstance> {
+  const app = Fastify({
+    loggerInstance: deps.logger,
+    genReqId: () => newId('req_'),
+    requestIdHeader: false,
+    bodyLimit: 64 * 1024 * 1024,
+    ajv: {
+      // Bodies are JSON: a number sent as a string is a client bug to report, not to guess around.
+      customOptions: { coerceTypes: false, removeAdditional: false, allErrors: false },
+    },
+  }).withTypeProvider<TypeBoxTypeProvider>();
+
+  app.addHook('onSend', async (req, reply) => {
+    reply.header('x-request-id', req.id);
+  });
+  app.setErrorHandler(errorHandler);
+  app.setNotFoundHandler((req, reply) => {
+    void reply.status(404).send({ error: { code: 'not_found', message: `no route ${req.method} ${req.url.split('?')[0]}`, requestId: req.id } });
+  });
+
+  app.addSchema(ErrorSchema);
+  app.addSchema(ImageDetail);
+  await app.register(swagger, {
+    openapi: {
+      openapi: '3.0.3',
+      info: {
+        title: 'Cakework API (self-hosted)',
+        version: '0.1.0',
+        description: 'The Cakework REST API: images, builds, one-time and cached microVMs.',
+      },
+      components: { securitySchemes: { apiKey: { type: 'apiKey', in: 'header', name: 'X-Api-Key' } } },
+      security: [{ apiKey: [] }],
+    },
+  });
+
+  app.get('/openapi.json', { schema: { hide: true } }, async () => app.swagger());
+  app.get('/healthz', { schema: { hide: true } }, async () => ({ ok: true }));
+
+  await app.register(async (v1) => {
+    requireApiKey(v1, deps.store);
+    await v1.register(imageRoutes(deps.images));
+    await v1.register(buildRoutes);
+    await v1.register(vmRoutes);
+  });
+
+  return app;
+}
+

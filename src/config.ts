@@ -1,0 +1,46 @@
+import path from 'node:path';
+
+/** Everything the server reads from the environment; README lists each variable. */
+export interface Config {
+  port: number;
+  host: string;
+  dataDir: string;
+  apiKey: string | undefined;
+  domain: string;
+  publicUrl: string | undefined;
+  insecureRegistries: string[];
+  importConcurrency: number;
+  registryTimeoutMs: number;
+  importTimeoutMs: number;
+  logLevel: string;
+}
+
+function intVar(env: NodeJS.ProcessEnv, name: string, fallback: number, min: number, max: number): number {
+  const raw = env[name];
+  if (raw === undefined || raw === '') return fallback;
+  const n = Number(raw);
+  if (!Number.isInteger(n) || n < min || n > max) {
+    throw new Error(`${name} must be an integer between ${min} and ${max}, got "${raw}"`);
+  }
+  return n;
+}
+
+export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
+  const port = intVar(env, 'CAKEWORK_PORT', 8080, 0, 65535);
+  return {
+    port,
+    host: env.CAKEWORK_HOST || '0.0.0.0',
+    dataDir: path.resolve(env.CAKEWORK_DATA_DIR || 'data'),
+    apiKey: env.CAKEWORK_API_KEY || undefined,
+    domain: env.CAKEWORK_DOMAIN || 'localhost',
+    publicUrl: env.CAKEWORK_PUBLIC_URL || undefined,
+    insecureRegistries: (env.CAKEWORK_INSECURE_REGISTRIES || '')
+      .split(',')
+      .map((s) => s.trim().toLowerCase())
+      .filter(Boolean),
+    importConcurrency: intVar(env, 'CAKEWORK_IMPORT_CONCURRENCY', 2, 1, 64),
+    registryTimeoutMs: intVar(env, 'CAKEWORK_REGISTRY_TIMEOUT_MS', 30_000, 100, 3_600_000),
+    importTimeoutMs: intVar(env, 'CAKEWORK_IMPORT_TIMEOUT_MS', 1_800_000, 1000, 86_400_000),
+    logLevel: env.CAKEWORK_LOG_LEVEL || 'info',
+  };
+}

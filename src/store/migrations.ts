@@ -1,0 +1,37 @@
+/** Versioned schema: entry N brings the database from user_version N to N+1. Never edit a shipped entry. */
+export const migrations: string[] = [
+  `
+  CREATE TABLE accounts (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+  );
+  CREATE TABLE api_keys (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id),
+    name TEXT NOT NULL,
+    prefix TEXT NOT NULL,
+    key_hash TEXT NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL,
+    revoked_at INTEGER
+  );
+  CREATE TABLE images (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id),
+    source TEXT NOT NULL,
+    image_uri TEXT,
+    status TEXT NOT NULL,
+    digest TEXT,
+    size INTEGER,
+    phase TEXT,
+    progress_bytes INTEGER NOT NULL DEFAULT 0,
+    total_bytes INTEGER,
+    error TEXT,
+    config_json TEXT,
+    rootfs_path TEXT,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+  );
+  CREATE INDEX images_account ON images(account_id, created_at, id);
+  `,
+];

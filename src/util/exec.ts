@@ -1,0 +1,33 @@
+import { spawn } from 'node:child_process';
+
+export interface RunOptions {
+  timeoutMs: number;
+  signal?: AbortSignal;
+  cwd?: string;
+}
+
+/**
+ * Runs a program with an argument array (never a shell), kills it at the timeout or on abort, and
+ * resolves with its output once it has been reaped. A non-zero exit rejects with the stderr tail.
+ */
+export function run(cmd: string, args: string[], opts: RunOptions): Promise<{ stdout: string; stderr: string }> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(cmd, args, {
+      cwd: opts.cwd,
+      stdio: ['ignore', 'pipe', 'pipe'],
+      timeout: opts.timeoutMs,
+      killSignal: 'SIGKILL',
+      signal: opts.signal,
+    });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => (stdout = (stdout + d.toString()).slice(-65536)));
+    child.stderr.on('data', (d: Buffer) => (stderr = (stderr + d.toString()).slice(-65536)));
+    child.on('error', (err) => reject(new Error(`${cmd} could not run: ${err.message}`)));
+    child.on('close', (code, signal) => {
+      if (code === 0) resolve({ stdout, stderr });
+      else if (signal) reject(new Error(`${cmd} was killed (${signal}) after ${opts.timeoutMs} ms or on abort`));
+      else reject(new Error(`${cmd} exited with code ${code}: ${stderr.trim().split('\n').slice(-5).join(' | ')}`));
+    });
+  });
+}

@@ -1,0 +1,273 @@
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import zlib from 'node:zlib';
+import tar from 'tar-stream';
+
+/** A real `docker-registry` (CNCF distribution) on loopback with htpasswd auth, for tests and benchmarks. */
+
+export async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = net.createServer();
+    s.once('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const port = (s.address() as net.AddressInfo).port;
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+export interface TestRegistry {
+  /** host:port, as used in imageUri */
+  host: string;
+  user: string;
+  password: string;
+  process: ChildProcess;
+  authHeader: string;
+  stop(): Promise<void>;
+}
+
+export interface RegistryAuth {
+  /** htpasswd users; Basic auth */
+  users: Record<string, string>;
+}
+
+export async function startRegistry(auth: RegistryAuth): Promise<TestRegistry> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cw-registry-'));
+  const htpasswd = path.join(dir, 'htpasswd');
+  const lines = Object.entries(auth.users).map(([u, p]) => {
+    const r = spawnSync('htpasswd', ['-Bbn', u, p], { timeout: 30_000 });
+    if (r.status !== 0) throw new Error(`htpasswd failed: ${r.stderr}`);
+    return r.stdout.toString().trim();
+  });
+  fs.writeFileSync(htpasswd, lines.join('\n') + '\n');
+  const port = await freePort();
+  const config = path.join(dir, 'config.yml');
+  fs.writeFileSync(
+    config,
+    [
+      'version: 0.1',
+      'log: {level: error, accesslog: {disabled: true}}',
+      `storage: {filesystem: {rootdirectory: ${dir}/data}, delete: {enabled: true}}`,
+      `http: {addr: "127.0.0.1:${port}"}`,
+      `auth: {htpasswd: {realm: cakework-test, path: ${htpasswd}}}`,
+    ].join('\n'),
+  );
+  const child = spawn('docker-registry', ['serve', config], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  child.stderr!.on('data', (d: Buffer) => (stderr = (stderr + d.toString()).slice(-4000)));
+  const host = `127.0.0.1:${port}`;
+  const deadline = Date.now() + 15_000;
+  for (;;) {
+    if (child.exitCode !== null) throw new Error(`docker-registry exited: ${stderr}`);
+    const ok = await fetch(`http://${host}/v2/`).then((r) => r.status === 401, () => false);
+    if (ok) break;
+    if (Date.now() > deadline) {
+      child.kill('SIGKILL');
+      throw new Error(`docker-registry did not start: ${stderr}`);
+    }
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  const [user, password] = Object.entries(auth.users)[0]!;
+  return {
+    host,
+    user,
+    password,
+    process: child,
+    authHeader: `Basic ${Buffer.from(`${user}:${password}`).toString('base64')}`,
+    async stop() {
+      if (child.exitCode === null) {
+        const exited = new Promise((r) => child.once('exit', r));
+        child.kill('SIGTERM');
+        await exited;
+      }
+      fs.rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+// ---------- building and pushing images ----------
+
+export interface TarEntry {
+  name: string;
+  type?: 'file' | 'directory' | 'symlink' | 'link' | 'character-device' | 'fifo';
+  content?: string | Buffer;
+  linkname?: string;
+  mode?: number;
+  uid?: number;
+  gid?: number;
+  devmajor?: number;
+  devminor?: number;
+}
+
+export async function makeTar(entries: TarEntry[]): Promise<Buffer> {
+  const pack = tar.pack();
+  const chunks: Buffer[] = [];
+  pack.on('data', (c: Buffer) => chunks.push(c));
+  const done = new Promise((r) => pack.on('end', r));
+  for (const e of entries) {
+    const type = e.type ?? 'file';
+    const content = e.content === undefined ? undefined : Buffer.from(e.content);
+    pack.entry(
+      {
+        name: e.name,
+        type,
+        mode: e.mode ?? (type === 'directory' ? 0o755 : 0o644),
+        uid: e.uid ?? 0,
+        gid: e.gid ?? 0,
+        linkname: e.linkname,
+        devmajor: e.devmajor,
+        devminor: e.devminor,
+        mtime: new Date(1_700_000_000_000),
+        size: type === 'file' ? (content?.length ?? 0) : 0,
+      },
+      type === 'file' ? content ?? Buffer.alloc(0) : undefined,
+    );
+  }
+  pack.finalize();
+  await done;
+  return Buffer.concat(chunks);
+}
+
+export type Compression = 'gzip' | 'zstd' | 'none';
+
+export interface Layer {
+  blob: Buffer;
+  mediaType: string;
+  diffId: string;
+}
+
+const sha = (b: Buffer): string => `sha256:${crypto.createHash('sha256').update(b).digest('hex')}`;
+
+export function compressLayer(tarball: Buffer, compression: Compression, format: 'oci' | 'docker'): Layer {
+  const diffId = sha(tarball);
+  if (compression === 'zstd') {
+    const r = spawnSync('zstd', ['-q', '-c', '-3'], { input: tarball, maxBuffer: 1 << 30, timeout: 120_000 });
+    if (r.status !== 0) throw new Error(`zstd failed: ${r.stderr}`);
+    return { blob: r.stdout, mediaType: 'application/vnd.oci.image.layer.v1.tar+zstd', diffId };
+  }
+  if (compression === 'none') return { blob: tarball, mediaType: 'application/vnd.oci.image.layer.v1.tar', diffId };
+  return {
+    blob: zlib.gzipSync(tarball, { level: 1 }),
+    mediaType: format === 'oci' ? 'application/vnd.oci.image.layer.v1.tar+gzip' : 'application/vnd.docker.image.rootfs.diff.tar.gzip',
+    diffId,
+  };
+}
+
+export interface ImageSpec {
+  layers: Layer[];
+  config?: { Entrypoint?: string[]; Cmd?: string[]; Env?: string[]; WorkingDir?: string; User?: string; ExposedPorts?: Record<string, object> };
+  format?: 'oci' | 'docker';
+  architecture?: string;
+  /** Leave `mediaType` out of the manifest body, as umoci does */
+  omitMediaType?: boolean;
+}
+
+async function pushBlob(reg: TestRegistry, repo: string, blob: Buffer): Promise<string> {
+  const digest = sha(blob);
+  const headers = { authorization: reg.authHeader };
+  const head = await fetch(`http://${reg.host}/v2/${repo}/blobs/${digest}`, { method: 'HEAD', headers });
+  if (head.ok) return digest;
+  const start = await fetch(`http://${reg.host}/v2/${repo}/blobs/uploads/`, { method: 'POST', headers });
+  if (start.status !== 202) throw new Error(`blob upload start: HTTP ${start.status}`);
+  const loc = new URL(start.headers.get('location')!, `http://${reg.host}`);
+  loc.searchParams.set('digest', digest);
+  const put = await fetch(loc, {
+    method: 'PUT',
+    headers: { ...headers, 'content-type': 'application/octet-stream' },
+    body: blob,
+  });
+  if (put.status !== 201) throw new Error(`blob upload: HTTP ${put.status} ${await put.text()}`);
+  return digest;
+}
+
+async function putManifest(reg: TestRegistry, repo: string, ref: string, body: Buffer, mediaType: string): Promise<string> {
+  const res = await fetch(`http://${reg.host}/v2/${repo}/manifests/${ref}`, {
+    method: 'PUT',
+    headers: { authorization: reg.authHeader, 'content-type': mediaType },
+    body,
+  });
+  if (res.status !== 201) throw new Error(`manifest upload: HTTP ${res.status} ${await res.text()}`);
+  return sha(body);
+}
+
+/** Pushes one image manifest (OCI or Docker v2); returns its digest. */
+export async function pushImage(reg: TestRegistry, repo: string, tag: string, spec: ImageSpec): Promise<{ digest: string; size: number }> {
+  const format = spec.format ?? 'oci';
+  const config = Buffer.from(
+    JSON.stringify({
+      architecture: spec.architecture ?? 'amd64',
+      os: 'linux',
+      config: spec.config ?? {},
+      rootfs: { type: 'layers', diff_ids: spec.layers.map((l) => l.diffId) },
+    }),
+  );
+  const configDigest = await pushBlob(reg, repo, config);
+  const layers = [];
+  for (const l of spec.layers) {
+    layers.push({ mediaType: l.mediaType, digest: await pushBlob(reg, repo, l.blob), size: l.blob.length });
+  }
+  const manifestType = format === 'oci' ? 'application/vnd.oci.image.manifest.v1+json' : 'application/vnd.docker.distribution.manifest.v2+json';
+  const manifest: Record<string, unknown> = {
+    schemaVersion: 2,
+    mediaType: manifestType,
+    config: {
+      mediaType: format === 'oci' ? 'application/vnd.oci.image.config.v1+json' : 'application/vnd.docker.container.image.v1+json',
+      digest: configDigest,
+      size: config.length,
+    },
+    layers,
+  };
+  if (spec.omitMediaType) delete manifest.mediaType;
+  const body = Buffer.from(JSON.stringify(manifest));
+  const digest = await putManifest(reg, repo, tag, body, manifestType);
+  return { digest, size: body.length };
+}
+
+/** Pushes an OCI index whose entries are pushed images for the given platforms. */
+export async function pushIndex(
+  reg: TestRegistry,
+  repo: string,
+  tag: string,
+  platforms: Array<{ architecture: string; spec: ImageSpec }>,
+): Promise<string> {
+  const manifests = [];
+  for (const p of platforms) {
+    const m = await pushImage(reg, repo, `${tag}-${p.architecture}`, { ...p.spec, architecture: p.architecture });
+    manifests.push({
+      mediaType: 'application/vnd.oci.image.manifest.v1+json',
+      digest: m.digest,
+      size: m.size,
+      platform: { os: 'linux', architecture: p.architecture },
+    });
+  }
+  const body = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: 'application/vnd.oci.image.index.v1+json', manifests }));
+  return putManifest(reg, repo, tag, body, 'application/vnd.oci.image.index.v1+json');
+}
+
+/** The busybox-static test app: `busybox httpd` serving /www on port 8080. */
+export async function busyboxLayer(compression: Compression = 'gzip', format: 'oci' | 'docker' = 'oci'): Promise<Layer> {
+  const busybox = fs.readFileSync('/bin/busybox');
+  return compressLayer(
+    await makeTar([
+      { name: 'bin/', type: 'directory' },
+      { name: 'bin/busybox', content: busybox, mode: 0o755 },
+      { name: 'bin/sh', type: 'symlink', linkname: 'busybox' },
+      { name: 'www/', type: 'directory' },
+      { name: 'www/index.html', content: 'hello from busybox\n' },
+      { name: 'tmp/', type: 'directory', mode: 0o1777 },
+    ]),
+    compression,
+    format,
+  );
+}
+
+export const busyboxConfig = {
+  Cmd: ['/bin/busybox', 'httpd', '-f', '-p', '8080', '-h', '/www'],
+  Env: ['PATH=/bin', 'GREETING=hello'],
+  WorkingDir: '/www',
+  ExposedPorts: { '8080/tcp': {} },
+};
