@@ -23,6 +23,8 @@ interface AjvError {
   keyword: string;
   params: Record<string, unknown>;
   message?: string;
+  /** set when a map key (not a value) broke the rule */
+  propertyName?: string;
 }
 
 /** Turns a schema violation into a field name and a sentence naming the rule. */
@@ -33,6 +35,7 @@ export function describeValidation(v: AjvError, context: string | undefined): { 
   if (v.keyword === 'additionalProperties') field = [base, String(v.params.additionalProperty)].filter(Boolean).join('.');
   if (!field) field = context ?? 'body';
   let message: string;
+  if (v.propertyName !== undefined) return { field, message: `${field} has an invalid key "${v.propertyName}"` };
   switch (v.keyword) {
     case 'required':
       message = `${field} is required`;

@@ -74,9 +74,10 @@ export const ImageList = Type.Object({
   pagination: Type.Union([Type.String(), Type.Null()]),
 });
 
-const envVars = Type.Record(Type.String({ pattern: '^[A-Za-z_][A-Za-z0-9_]{0,255}$' }), Type.String({ maxLength: 32768 }), {
+const envVars = Type.Record(Type.String(), Type.String({ maxLength: 32768 }), {
+  propertyNames: { pattern: '^[A-Za-z_][A-Za-z0-9_]{0,255}$' },
   maxProperties: 256,
-  description: 'Environment variables for the app; they override the image Env',
+  description: 'Environment variables for the app (names: letters, digits, _); they override the image Env',
 });
 
 const vmShape = {

@@ -271,3 +271,76 @@ export const busyboxConfig = {
   WorkingDir: '/www',
   ExposedPorts: { '8080/tcp': {} },
 };
+
+export interface CountingProxy {
+  host: string;
+  requests: Array<{ method: string; path: string; status: number }>;
+  /** When set, blob responses whose path includes this string get one byte flipped. */
+  corruptPath: string | null;
+  stop(): Promise<void>;
+}
+
+/** A loopback HTTP proxy in front of a registry that records every request (and can corrupt a blob). */
+export async function countingProxy(targetHost: string): Promise<CountingProxy> {
+  const http = await import('node:http');
+  const state: CountingProxy = {
+    host: '',
+    requests: [],
+    corruptPath: null,
+    stop: async () => undefined,
+  };
+  const server = http.createServer((req, res) => {
+    const upstream = http.request(
+      { host: targetHost.split(':')[0], port: Number(targetHost.split(':')[1]), method: req.method, path: req.url, headers: { ...req.headers, host: targetHost } },
+      (up) => {
+        state.requests.push({ method: req.method!, path: req.url!, status: up.statusCode! });
+        res.writeHead(up.statusCode!, up.headers);
+        if (state.corruptPath && req.url!.includes(state.corruptPath)) {
+          let first = true;
+          up.on('data', (c: Buffer) => {
+            if (first) {
+              c = Buffer.from(c);
+              c[c.length - 1] ^= 0xff;
+              first = false;
+            }
+            res.write(c);
+          });
+          up.on('end', () => res.end());
+        } else {
+          up.pipe(res);
+        }
+      },
+    );
+    upstream.on('error', () => res.destroy());
+    req.pipe(upstream);
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  state.host = `127.0.0.1:${(server.address() as import('node:net').AddressInfo).port}`;
+  state.stop = () => new Promise((r) => { server.closeAllConnections(); server.close(() => r()); });
+  return state;
+}
+
+/** Extracts an erofs disk with fsck.erofs, to look at what a VM would see. */
+export function extractErofs(disk: string, into: string): void {
+  fs.rmSync(into, { recursive: true, force: true });
+  const r = spawnSync('fsck.erofs', [`--extract=${into}`, disk], { timeout: 120_000 });
+  if (r.status !== 0) throw new Error(`fsck.erofs failed: ${r.stderr}`);
+}
+
+/**
+ * Mounts an erofs disk read-only (root only) and runs `fn` on it: unlike fsck.erofs's extractor,
+ * the kernel shows the setuid bits exactly as a VM will. Returns false when not root.
+ */
+export function withMountedErofs(disk: string, fn: (dir: string) => void): boolean {
+  if (process.getuid?.() !== 0) return false;
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cw-mnt-'));
+  const m = spawnSync('mount', ['-t', 'erofs', '-o', 'loop,ro', disk, dir], { timeout: 30_000 });
+  if (m.status !== 0) throw new Error(`mount failed: ${m.stderr}`);
+  try {
+    fn(dir);
+  } finally {
+    spawnSync('umount', [dir], { timeout: 30_000 });
+    fs.rmdirSync(dir);
+  }
+  return true;
+}
