@@ -1,11 +1,12 @@
 import swagger from '@fastify/swagger';
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
 import Fastify, { type FastifyInstance } from 'fastify';
+import secureJson from 'secure-json-parse';
 import type { ImageService } from '../images/service.js';
 import type { Store } from '../store/store.js';
 import { newId } from '../util/ids.js';
 import { requireApiKey } from './auth.js';
-import { errorHandler } from './errors.js';
+import { ApiError, errorHandler } from './errors.js';
 import { buildRoutes } from './routes/builds.js';
 import { imageRoutes } from './routes/images.js';
 import { vmRoutes } from './routes/vms.js';
@@ -28,6 +29,19 @@ export async function buildApi(deps: ApiDeps): Promise<FastifyInstance> {
       customOptions: { coerceTypes: false, removeAdditional: false, allErrors: false },
     },
   }).withTypeProvider<TypeBoxTypeProvider>();
+
+  // The published SDK sends `Content-Type: application/json` with an empty body on body-less POSTs
+  // (stopVm, startCachedVm, ...): an empty body is no body, not a JSON syntax error.
+  app.removeContentTypeParser('application/json');
+  app.addContentTypeParser('application/json', { parseAs: 'string' }, (_req, body, done) => {
+    const text = body as string;
+    if (text.trim() === '') return done(null, undefined);
+    try {
+      done(null, secureJson.parse(text)); // rejects __proto__ / constructor.prototype poisoning, as Fastify's own parser does
+    } catch {
+      done(new ApiError(400, 'invalid_json', 'request body is not valid JSON', 'body'), undefined);
+    }
+  });
 
   app.addHook('onSend', async (req, reply) => {
     reply.header('x-request-id', req.id);

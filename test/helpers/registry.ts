@@ -106,26 +106,26 @@ export interface TarEntry {
 export async function makeTar(entries: TarEntry[]): Promise<Buffer> {
   const pack = tar.pack();
   const chunks: Buffer[] = [];
-  pack.on('data', (c: Buffer) => chunks.push(c));
-  const done = new Promise((r) => pack.on('end', r));
+  pack.on('data', (c: unknown) => chunks.push(c as Buffer));
+  const done = new Promise<void>((r) => pack.on('end', () => r()));
   for (const e of entries) {
     const type = e.type ?? 'file';
     const content = e.content === undefined ? undefined : Buffer.from(e.content);
-    pack.entry(
-      {
+    // tar-stream's type marks optional header fields as required
+    const header = {
         name: e.name,
         type,
         mode: e.mode ?? (type === 'directory' ? 0o755 : 0o644),
         uid: e.uid ?? 0,
         gid: e.gid ?? 0,
-        linkname: e.linkname,
-        devmajor: e.devmajor,
-        devminor: e.devminor,
         mtime: new Date(1_700_000_000_000),
         size: type === 'file' ? (content?.length ?? 0) : 0,
-      },
-      type === 'file' ? content ?? Buffer.alloc(0) : undefined,
-    );
+    } as tar.Header;
+    if (e.linkname !== undefined) header.linkname = e.linkname;
+    if (e.devmajor !== undefined) header.devmajor = e.devmajor;
+    if (e.devminor !== undefined) header.devminor = e.devminor;
+    if (type === 'file') pack.entry(header, content ?? Buffer.alloc(0));
+    else pack.entry(header);
   }
   pack.finalize();
   await done;
@@ -178,7 +178,7 @@ async function pushBlob(reg: TestRegistry, repo: string, blob: Buffer): Promise<
   const put = await fetch(loc, {
     method: 'PUT',
     headers: { ...headers, 'content-type': 'application/octet-stream' },
-    body: blob,
+    body: new Uint8Array(blob),
   });
   if (put.status !== 201) throw new Error(`blob upload: HTTP ${put.status} ${await put.text()}`);
   return digest;
@@ -188,7 +188,7 @@ async function putManifest(reg: TestRegistry, repo: string, ref: string, body: B
   const res = await fetch(`http://${reg.host}/v2/${repo}/manifests/${ref}`, {
     method: 'PUT',
     headers: { authorization: reg.authHeader, 'content-type': mediaType },
-    body,
+    body: new Uint8Array(body),
   });
   if (res.status !== 201) throw new Error(`manifest upload: HTTP ${res.status} ${await res.text()}`);
   return sha(body);
@@ -300,7 +300,7 @@ export async function countingProxy(targetHost: string): Promise<CountingProxy> 
           up.on('data', (c: Buffer) => {
             if (first) {
               c = Buffer.from(c);
-              c[c.length - 1] ^= 0xff;
+              c[c.length - 1] = c[c.length - 1]! ^ 0xff;
               first = false;
             }
             res.write(c);

@@ -1,7 +1,7 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { pino } from 'pino';
+import { destination, pino } from 'pino';
 import { startServer, type Server } from '../../src/app.js';
 import { loadConfig, type Config } from '../../src/config.js';
 
@@ -18,7 +18,7 @@ export async function startTestServer(env: Record<string, string> = {}, dataDir?
   const dir = dataDir ?? fs.mkdtempSync(path.join(os.tmpdir(), 'cw-data-'));
   const key = env.CAKEWORK_API_KEY ?? 'cw_test_key_' + Math.random().toString(36).slice(2);
   const config = loadConfig({ CAKEWORK_PORT: '0', CAKEWORK_HOST: '127.0.0.1', CAKEWORK_DATA_DIR: dir, CAKEWORK_API_KEY: key, ...env });
-  const logger = pino({ level: 'debug' }, pino.destination({ dest: path.join(dir, 'server.log'), sync: true }));
+  const logger = pino({ level: 'debug' }, destination({ dest: path.join(dir, 'server.log'), sync: true }));
   const server = await startServer(config, logger);
   const call: TestServer['call'] = async (method, url, body, k = key) => {
     const headers: Record<string, string> = {};
