@@ -105,7 +105,7 @@ test('an OCI index resolves to its linux/amd64 manifest', async () => {
     { architecture: 'amd64', spec: { layers: [amdOnly] } },
   ]);
   const amd = await fetch(`http://${reg.host}/v2/alice/multi/manifests/latest-amd64`, {
-    headers: { authorization: reg.authHeader, accept: 'application/vnd.oci.image.manifest.v1+json' },
+    headers: { authorization: await reg.authFor('alice/multi'), accept: 'application/vnd.oci.image.manifest.v1+json' },
   });
   const img = await importAndWait(`${reg.host}/alice/multi`, 'correct horse', { username: 'alice' });
   assert.equal(img.status, 'ready', img.error);
@@ -265,5 +265,25 @@ test('a shutdown or crash mid-import leaves the image failed with the reason, ne
   } finally {
     await b.close();
     fs.rmSync(dataDir, { recursive: true, force: true });
+  }
+});
+
+test('Bearer token flow: a token registry serves the import; a wrong password is refused by the token service', async () => {
+  const tokenReg = await startRegistry({ users: { bob: 'bob-pass' }, mode: 'token' });
+  try {
+    const pushed = await pushImage(tokenReg, 'bob/app', 'v1', { layers: [await busyboxLayer()], config: busyboxConfig });
+    const granted = tokenReg.tokenRequests.granted;
+    const img = await importAndWait(`${tokenReg.host}/bob/app:v1`, 'bob-pass');
+    assert.equal(img.status, 'ready', img.error);
+    assert.equal(img.digest, pushed.digest);
+    assert.equal(tokenReg.tokenRequests.granted, granted + 1, 'one token for the whole import');
+
+    const refused = tokenReg.tokenRequests.refused;
+    const bad = await importAndWait(`${tokenReg.host}/bob/app:v1`, 'nope');
+    assert.equal(bad.status, 'failed');
+    assert.match(bad.error, /rejected the credentials for user "bob" \(token service HTTP 401\)/);
+    assert.equal(tokenReg.tokenRequests.refused, refused + 1, 'no retries');
+  } finally {
+    await tokenReg.stop();
   }
 });

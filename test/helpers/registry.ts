@@ -26,13 +26,69 @@ export interface TestRegistry {
   user: string;
   password: string;
   process: ChildProcess;
-  authHeader: string;
+  /** The Authorization header that lets the first user push to and pull from `repo`. */
+  authFor(repo: string): Promise<string>;
+  /** Requests the token service answered, by outcome (Bearer registries only). */
+  tokenRequests: { granted: number; refused: number };
   stop(): Promise<void>;
 }
 
 export interface RegistryAuth {
-  /** htpasswd users; Basic auth */
   users: Record<string, string>;
+  /** `basic` (htpasswd) or `token`: the Bearer flow with a token service of the test's own. */
+  mode?: 'basic' | 'token';
+}
+
+interface TokenService {
+  realm: string;
+  certFile: string;
+  counts: { granted: number; refused: number };
+  stop(): Promise<void>;
+}
+
+const TOKEN_SERVICE = 'cakework-test-registry';
+const TOKEN_ISSUER = 'cakework-test-issuer';
+
+/** A Docker token service: checks Basic credentials and signs an RS256 JWT for the asked scope. */
+async function startTokenService(dir: string, users: Record<string, string>): Promise<TokenService> {
+  const keyFile = path.join(dir, 'token.key');
+  const certFile = path.join(dir, 'token.crt');
+  const r = spawnSync('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', keyFile, '-out', certFile, '-days', '2', '-subj', '/CN=cakework-test-token'], { timeout: 60_000 });
+  if (r.status !== 0) throw new Error(`openssl failed: ${r.stderr}`);
+  const key = crypto.createPrivateKey(fs.readFileSync(keyFile));
+  const der = new crypto.X509Certificate(fs.readFileSync(certFile)).raw.toString('base64');
+  const b64 = (o: object) => Buffer.from(JSON.stringify(o)).toString('base64url');
+  const counts = { granted: 0, refused: 0 };
+  const http = await import('node:http');
+  const server = http.createServer((req, res) => {
+    const url = new URL(req.url!, 'http://token');
+    const [scheme, value] = (req.headers.authorization ?? '').split(' ');
+    const [user, pass] = scheme === 'Basic' && value ? Buffer.from(value, 'base64').toString().split(':') : [];
+    if (!user || users[user] !== pass) {
+      counts.refused++;
+      res.writeHead(401, { 'content-type': 'application/json' }).end('{"details":"invalid credentials"}');
+      return;
+    }
+    counts.granted++;
+    const access = url.searchParams.getAll('scope').map((sc) => {
+      const [type, name, actions] = sc.split(':');
+      return { type, name, actions: (actions ?? '').split(',') };
+    });
+    const now = Math.floor(Date.now() / 1000);
+    const head = b64({ typ: 'JWT', alg: 'RS256', x5c: [der] });
+    const claims = b64({ iss: TOKEN_ISSUER, sub: user, aud: TOKEN_SERVICE, exp: now + 600, nbf: now - 10, iat: now, jti: crypto.randomUUID(), access });
+    const sig = crypto.sign('sha256', Buffer.from(`${head}.${claims}`), key).toString('base64url');
+    const token = `${head}.${claims}.${sig}`;
+    res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ token, access_token: token, expires_in: 600 }));
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const port = (server.address() as net.AddressInfo).port;
+  return {
+    realm: `http://127.0.0.1:${port}/token`,
+    certFile,
+    counts,
+    stop: () => new Promise((resolve) => { server.closeAllConnections(); server.close(() => resolve()); }),
+  };
 }
 
 export async function startRegistry(auth: RegistryAuth): Promise<TestRegistry> {
@@ -44,6 +100,7 @@ export async function startRegistry(auth: RegistryAuth): Promise<TestRegistry> {
     return r.stdout.toString().trim();
   });
   fs.writeFileSync(htpasswd, lines.join('\n') + '\n');
+  const token = auth.mode === 'token' ? await startTokenService(dir, auth.users) : null;
   const port = await freePort();
   const config = path.join(dir, 'config.yml');
   fs.writeFileSync(
@@ -53,7 +110,9 @@ export async function startRegistry(auth: RegistryAuth): Promise<TestRegistry> {
       'log: {level: error, accesslog: {disabled: true}}',
       `storage: {filesystem: {rootdirectory: ${dir}/data}, delete: {enabled: true}}`,
       `http: {addr: "127.0.0.1:${port}"}`,
-      `auth: {htpasswd: {realm: cakework-test, path: ${htpasswd}}}`,
+      token
+        ? `auth: {token: {realm: "${token.realm}", service: ${TOKEN_SERVICE}, issuer: ${TOKEN_ISSUER}, rootcertbundle: ${token.certFile}}}`
+        : `auth: {htpasswd: {realm: cakework-test, path: ${htpasswd}}}`,
     ].join('\n'),
   );
   const child = spawn('docker-registry', ['serve', config], { stdio: ['ignore', 'ignore', 'pipe'] });
@@ -77,8 +136,16 @@ export async function startRegistry(auth: RegistryAuth): Promise<TestRegistry> {
     user,
     password,
     process: child,
-    authHeader: `Basic ${Buffer.from(`${user}:${password}`).toString('base64')}`,
+    tokenRequests: token?.counts ?? { granted: 0, refused: 0 },
+    async authFor(repo: string) {
+      const basic = `Basic ${Buffer.from(`${user}:${password}`).toString('base64')}`;
+      if (!token) return basic;
+      const res = await fetch(`${token.realm}?service=${TOKEN_SERVICE}&scope=repository:${repo}:pull,push`, { headers: { authorization: basic } });
+      const body = (await res.json()) as { token: string };
+      return `Bearer ${body.token}`;
+    },
     async stop() {
+      await token?.stop();
       if (child.exitCode === null) {
         const exited = new Promise((r) => child.once('exit', r));
         child.kill('SIGTERM');
@@ -168,7 +235,7 @@ export interface ImageSpec {
 
 async function pushBlob(reg: TestRegistry, repo: string, blob: Buffer): Promise<string> {
   const digest = sha(blob);
-  const headers = { authorization: reg.authHeader };
+  const headers = { authorization: await reg.authFor(repo) };
   const head = await fetch(`http://${reg.host}/v2/${repo}/blobs/${digest}`, { method: 'HEAD', headers });
   if (head.ok) return digest;
   const start = await fetch(`http://${reg.host}/v2/${repo}/blobs/uploads/`, { method: 'POST', headers });
@@ -187,7 +254,7 @@ async function pushBlob(reg: TestRegistry, repo: string, blob: Buffer): Promise<
 async function putManifest(reg: TestRegistry, repo: string, ref: string, body: Buffer, mediaType: string): Promise<string> {
   const res = await fetch(`http://${reg.host}/v2/${repo}/manifests/${ref}`, {
     method: 'PUT',
-    headers: { authorization: reg.authHeader, 'content-type': mediaType },
+    headers: { authorization: await reg.authFor(repo), 'content-type': mediaType },
     body: new Uint8Array(body),
   });
   if (res.status !== 201) throw new Error(`manifest upload: HTTP ${res.status} ${await res.text()}`);
