@@ -1,3 +1,5 @@
+import crypto from 'node:crypto';
+import fs from 'node:fs';
 import path from 'node:path';
 
 /** Everything the server reads from the environment; README lists each variable. */
@@ -13,6 +15,8 @@ export interface Config {
   registryTimeoutMs: number;
   importTimeoutMs: number;
   logLevel: string;
+  /** tmpfs directory for unpacking layers, or null to unpack under the data dir */
+  unpackDir: string | null;
 }
 
 function intVar(env: NodeJS.ProcessEnv, name: string, fallback: number, min: number, max: number): number {
@@ -25,12 +29,23 @@ function intVar(env: NodeJS.ProcessEnv, name: string, fallback: number, min: num
   return n;
 }
 
+/** CAKEWORK_UNPACK_DIR, `off`, or by default a directory of this data dir's own under /dev/shm. */
+function unpackDir(env: NodeJS.ProcessEnv, dataDir: string): string | null {
+  const v = env.CAKEWORK_UNPACK_DIR;
+  if (v === 'off') return null;
+  if (v) return path.resolve(v);
+  if (!fs.existsSync('/dev/shm')) return null;
+  const tag = crypto.createHash('sha256').update(dataDir).digest('hex').slice(0, 12);
+  return `/dev/shm/cakework-unpack-${tag}`;
+}
+
 export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
   const port = intVar(env, 'CAKEWORK_PORT', 8080, 0, 65535);
+  const dataDir = path.resolve(env.CAKEWORK_DATA_DIR || 'data');
   return {
     port,
     host: env.CAKEWORK_HOST || '0.0.0.0',
-    dataDir: path.resolve(env.CAKEWORK_DATA_DIR || 'data'),
+    dataDir,
     apiKey: env.CAKEWORK_API_KEY || undefined,
     domain: env.CAKEWORK_DOMAIN || 'localhost',
     publicUrl: env.CAKEWORK_PUBLIC_URL || undefined,
@@ -42,5 +57,6 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     registryTimeoutMs: intVar(env, 'CAKEWORK_REGISTRY_TIMEOUT_MS', 30_000, 100, 3_600_000),
     importTimeoutMs: intVar(env, 'CAKEWORK_IMPORT_TIMEOUT_MS', 1_800_000, 1000, 86_400_000),
     logLevel: env.CAKEWORK_LOG_LEVEL || 'info',
+    unpackDir: unpackDir(env, dataDir),
   };
 }

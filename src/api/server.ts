@@ -1,6 +1,6 @@
 import swagger from '@fastify/swagger';
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
-import Fastify, { type FastifyInstance } from 'fastify';
+import Fastify, { LogController, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import secureJson from 'secure-json-parse';
 import type { ImageService } from '../images/service.js';
 import type { Store } from '../store/store.js';
@@ -11,6 +11,14 @@ import { buildRoutes } from './routes/builds.js';
 import { imageRoutes } from './routes/images.js';
 import { vmRoutes } from './routes/vms.js';
 import { ErrorSchema, ImageDetail } from './schemas.js';
+
+/** Logs each request once, when it completes (with status and time), instead of twice: half the cost on hot paths. */
+class OneLinePerRequest extends LogController {
+  override incomingRequest(): void {}
+  override requestCompleted(_err: Error | null | undefined, req: FastifyRequest, reply: FastifyReply): void {
+    req.log.info({ method: req.method, url: req.url, status: reply.statusCode, ms: Math.round(reply.elapsedTime * 100) / 100 }, 'request completed');
+  }
+}
 
 export interface ApiDeps {
   store: Store;
@@ -23,6 +31,7 @@ export async function buildApi(deps: ApiDeps): Promise<FastifyInstance> {
     loggerInstance: deps.logger,
     genReqId: () => newId('req_'),
     requestIdHeader: false,
+    logController: new OneLinePerRequest(),
     bodyLimit: 64 * 1024 * 1024,
     ajv: {
       // Bodies are JSON: a number sent as a string is a client bug to report, not to guess around.

@@ -44,7 +44,8 @@ const PROGRESS_INTERVAL_MS = 250;
 export class ImageService {
   private readonly blobs: BlobCache;
   private readonly rootfsDir: string;
-  private readonly workDir: string;
+  /** Where layers are unpacked before they become a disk: tmpfs when it has room, else the data dir. */
+  private readonly workDirs: { fast: string | null; disk: string };
   private readonly slots: Semaphore;
   private readonly running = new Map<string, AbortController>();
   private readonly disksInProgress = new Map<string, Promise<number>>();
@@ -57,10 +58,13 @@ export class ImageService {
   ) {
     this.blobs = new BlobCache(path.join(config.dataDir, 'blobs'));
     this.rootfsDir = path.join(config.dataDir, 'rootfs');
-    this.workDir = path.join(config.dataDir, 'work', 'images');
+    this.workDirs = { fast: config.unpackDir, disk: path.join(config.dataDir, 'work', 'images') };
     fs.mkdirSync(this.rootfsDir, { recursive: true });
-    fs.rmSync(this.workDir, { recursive: true, force: true }); // leftovers of interrupted imports
-    fs.mkdirSync(this.workDir, { recursive: true });
+    for (const dir of [this.workDirs.fast, this.workDirs.disk]) {
+      if (!dir) continue;
+      fs.rmSync(dir, { recursive: true, force: true }); // leftovers of interrupted imports
+      fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+    }
     for (const f of fs.readdirSync(this.rootfsDir)) {
       if (f.endsWith('.partial')) fs.rmSync(path.join(this.rootfsDir, f), { force: true });
     }
@@ -187,7 +191,7 @@ export class ImageService {
     const imageConfig = parseImageConfig(fs.readFileSync(configBlob.path));
 
     const diskPath = path.join(this.rootfsDir, `${digest.slice('sha256:'.length)}.erofs`);
-    const size = await this.ensureDisk(digest, diskPath, () => this.buildDisk(job, manifest.layers, diskPath, fetchBlob, signal));
+    const size = await this.ensureDisk(digest, diskPath, () => this.buildDisk(job, manifest.layers, diskPath, fetchBlob, signal, log));
     this.finish(job.imageId, { digest, size, diskPath, imageConfig, total });
   }
 
@@ -210,8 +214,9 @@ export class ImageService {
     diskPath: string,
     fetchBlob: (d: Descriptor) => Promise<{ path: string }>,
     signal: AbortSignal,
+    log: FastifyBaseLogger,
   ): Promise<number> {
-    const work = path.join(this.workDir, job.imageId);
+    const work = path.join(this.pickWorkDir(layers), job.imageId);
     const root = path.join(work, 'rootfs');
     fs.mkdirSync(root, { recursive: true, mode: 0o755 });
     // Downloads run ahead (all started now) while layers are applied strictly in order.
@@ -222,20 +227,46 @@ export class ImageService {
     signal.addEventListener('abort', abort);
     try {
       for (let i = 0; i < layers.length; i++) {
+        const waited = Date.now();
         const blob = await downloads[i]!;
+        if (Date.now() - waited > 50) log.info({ layer: layers[i]!.digest, ms: Date.now() - waited }, 'waited for layer download');
         signal.throwIfAborted();
         this.store.updateImage(job.imageId, { phase: `unpacking layer ${i + 1}/${layers.length}` });
-        await unpacker.apply(root, blob.path);
+        const t0 = Date.now();
+        const stats = await unpacker.apply(root, blob.path);
+        log.info({ layer: layers[i]!.digest, ...stats, ms: Date.now() - t0 }, 'layer unpacked');
       }
       signal.throwIfAborted();
       this.store.updateImage(job.imageId, { phase: 'writing disk' });
-      return await makeErofs(root, diskPath, signal);
+      const t0 = Date.now();
+      const size = await makeErofs(root, diskPath, signal);
+      log.info({ bytes: size, ms: Date.now() - t0 }, 'erofs disk written');
+      return size;
     } finally {
       signal.removeEventListener('abort', abort);
       await unpacker.close();
       // Removing a large tree takes a while; the disk is done, so nobody waits for it.
       fs.promises.rm(work, { recursive: true, force: true }).catch(() => undefined);
     }
+  }
+
+  /**
+   * The unpacked tree only feeds mkfs.erofs, so it goes to tmpfs when that has room for it (estimated
+   * at 4x the compressed layers plus 512 MiB to spare): measured here, unpacking the Debian image onto
+   * the disk took 1.1-7.7 s depending on page-cache writeback, onto tmpfs a steady ~1 s.
+   */
+  private pickWorkDir(layers: Descriptor[]): string {
+    const fast = this.workDirs.fast;
+    if (fast) {
+      const need = 4 * layers.reduce((n, l) => n + l.size, 0) + 512 * 1024 * 1024;
+      try {
+        const st = fs.statfsSync(fast);
+        if (st.bavail * st.bsize > need) return fast;
+      } catch {
+        /* unusable: fall back to the data dir */
+      }
+    }
+    return this.workDirs.disk;
   }
 
   private finish(imageId: string, r: { digest: string; size: number; diskPath: string; imageConfig: ImageConfig; total: number }): void {

@@ -16,6 +16,7 @@ export interface TestServer extends Server {
 /** A real server on a loopback port with its own SQLite file; logs go to a file for post-mortems. */
 export async function startTestServer(env: Record<string, string> = {}, dataDir?: string): Promise<TestServer> {
   const dir = dataDir ?? fs.mkdtempSync(path.join(os.tmpdir(), 'cw-data-'));
+  fs.mkdirSync(dir, { recursive: true });
   const key = env.CAKEWORK_API_KEY ?? 'cw_test_key_' + Math.random().toString(36).slice(2);
   const config = loadConfig({ CAKEWORK_PORT: '0', CAKEWORK_HOST: '127.0.0.1', CAKEWORK_DATA_DIR: dir, CAKEWORK_API_KEY: key, ...env });
   const logger = pino({ level: 'debug' }, destination({ dest: path.join(dir, 'server.log'), sync: true }));
