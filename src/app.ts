@@ -6,11 +6,14 @@ import { ensureKey } from './accounts/keys.js';
 import { buildApi } from './api/server.js';
 import type { Config } from './config.js';
 import { ImageService } from './images/service.js';
+import { LogService } from './logs/service.js';
+import { VmService } from './vms/service.js';
 import { Store } from './store/store.js';
 
 export interface Server {
   app: FastifyInstance;
   store: Store;
+  vms: VmService;
   url: string;
   close(): Promise<void>;
 }
@@ -33,7 +36,10 @@ export async function startServer(config: Config, logger: Logger = makeLogger(co
     else logger.info({ accountId: r.accountId, created: r.created }, 'CAKEWORK_API_KEY is ready');
   }
   const images = new ImageService(store, config, logger);
-  const app = await buildApi({ store, images, logger });
+  const logs = new LogService(store);
+  const vms = new VmService(store, images, logs, config, logger);
+  await vms.init();
+  const app = await buildApi({ store, images, vms, logs, logger, config });
   await app.listen({ port: config.port, host: config.host });
   const addr = app.server.address();
   const port = typeof addr === 'object' && addr ? addr.port : config.port;
@@ -42,11 +48,14 @@ export async function startServer(config: Config, logger: Logger = makeLogger(co
   return {
     app,
     store,
+    vms,
     url: `http://${host}:${port}`,
     close() {
       closing ??= (async () => {
+        await vms.shutdown();
         await app.close();
         await images.shutdown();
+        logs.flush();
         store.close();
       })();
       return closing;

@@ -17,6 +17,25 @@ export interface Config {
   logLevel: string;
   /** tmpfs directory for unpacking layers, or null to unpack under the data dir */
   unpackDir: string | null;
+  vmSubnet: string;
+  scratchGb: number;
+  stopGraceMs: number;
+  bootTimeoutMs: number;
+  imageWaitMs: number;
+  portWaitMs: number;
+  memoryOvercommit: number;
+  cpuOvercommit: number;
+  maxVmsPerAccount: number;
+  /** what a graceful shutdown does with running VMs: stop them, or keep them for the next start to adopt */
+  onShutdown: 'stop' | 'keep';
+}
+
+function numVar(env: NodeJS.ProcessEnv, name: string, fallback: number, min: number, max: number): number {
+  const raw = env[name];
+  if (raw === undefined || raw === '') return fallback;
+  const n = Number(raw);
+  if (!Number.isFinite(n) || n < min || n > max) throw new Error(`${name} must be a number between ${min} and ${max}, got "${raw}"`);
+  return n;
 }
 
 function intVar(env: NodeJS.ProcessEnv, name: string, fallback: number, min: number, max: number): number {
@@ -39,6 +58,12 @@ function unpackDir(env: NodeJS.ProcessEnv, dataDir: string): string | null {
   return `/dev/shm/cakework-unpack-${tag}`;
 }
 
+function shutdownMode(v: string | undefined): 'stop' | 'keep' {
+  if (v === undefined || v === '' || v === 'stop') return 'stop';
+  if (v === 'keep') return 'keep';
+  throw new Error(`CAKEWORK_ON_SHUTDOWN must be "stop" or "keep", got "${v}"`);
+}
+
 export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
   const port = intVar(env, 'CAKEWORK_PORT', 8080, 0, 65535);
   const dataDir = path.resolve(env.CAKEWORK_DATA_DIR || 'data');
@@ -58,5 +83,15 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     importTimeoutMs: intVar(env, 'CAKEWORK_IMPORT_TIMEOUT_MS', 1_800_000, 1000, 86_400_000),
     logLevel: env.CAKEWORK_LOG_LEVEL || 'info',
     unpackDir: unpackDir(env, dataDir),
+    vmSubnet: env.CAKEWORK_VM_SUBNET || '10.213.0.0/16',
+    scratchGb: intVar(env, 'CAKEWORK_SCRATCH_GB', 2, 1, 500),
+    stopGraceMs: intVar(env, 'CAKEWORK_STOP_GRACE_MS', 10_000, 0, 600_000),
+    bootTimeoutMs: intVar(env, 'CAKEWORK_BOOT_TIMEOUT_MS', 60_000, 1000, 600_000),
+    imageWaitMs: intVar(env, 'CAKEWORK_IMAGE_WAIT_MS', 60_000, 0, 3_600_000),
+    portWaitMs: intVar(env, 'CAKEWORK_PORT_WAIT_MS', 30_000, 0, 600_000),
+    memoryOvercommit: numVar(env, 'CAKEWORK_MEMORY_OVERCOMMIT', 1.5, 0.1, 100),
+    cpuOvercommit: numVar(env, 'CAKEWORK_CPU_OVERCOMMIT', 4, 0.1, 1000),
+    maxVmsPerAccount: intVar(env, 'CAKEWORK_MAX_VMS_PER_ACCOUNT', 20, 1, 100_000),
+    onShutdown: shutdownMode(env.CAKEWORK_ON_SHUTDOWN),
   };
 }

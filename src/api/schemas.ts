@@ -74,7 +74,7 @@ export const ImageList = Type.Object({
   pagination: Type.Union([Type.String(), Type.Null()]),
 });
 
-const envVars = Type.Record(Type.String(), Type.String({ maxLength: 32768 }), {
+const envVars = Type.Record(Type.String(), Type.String({ maxLength: 32768, pattern: '^[^\\u0000]*$' }), {
   propertyNames: { pattern: '^[A-Za-z_][A-Za-z0-9_]{0,255}$' },
   maxProperties: 256,
   description: 'Environment variables for the app (names: letters, digits, _); they override the image Env',
@@ -90,15 +90,17 @@ const vmShape = {
 
 export const StartVmBody = Type.Object({
   ...vmShape,
-  volumeGB: Type.Optional(Type.Integer({ minimum: 1, maximum: 500, description: 'Persistent volume size in GB' })),
+  volumeGB: Type.Optional(Type.Integer({ minimum: 1, maximum: 500, description: 'Size in GB of the writable disk under the image (default CAKEWORK_SCRATCH_GB); discarded when the VM stops' })),
+  waitForPort: Type.Optional(Type.Boolean({ description: 'Answer only once the app accepts connections on `port` (bounded by CAKEWORK_PORT_WAIT_MS)' })),
 });
 
 export const CacheVmBody = Type.Object(vmShape);
 
 export const ListVmsQuery = Type.Object({
   imageId: Type.Optional(id('Only VMs of this image')),
-  status: Type.Optional(Type.String({ maxLength: 32 })),
+  status: Type.Optional(Type.Union(['created', 'starting', 'started', 'stopping', 'stopped', 'failed'].map((s) => Type.Literal(s)))),
   pagination: Type.Optional(Type.String({ maxLength: 256 })),
+  limit: Type.Optional(Type.String({ pattern: '^[0-9]{1,4}$', description: 'Page size, 1-1000 (default 100)' })),
 });
 
 export const LogsQuery = Type.Object({
@@ -108,6 +110,40 @@ export const LogsQuery = Type.Object({
   pagination: Type.Optional(Type.String({ maxLength: 256 })),
   from: Type.Optional(Type.String({ format: 'date-time' })),
   to: Type.Optional(Type.String({ format: 'date-time' })),
+  follow: Type.Optional(Type.Union([Type.Literal('true'), Type.Literal('false')], { description: 'Stream lines until the VM stops: NDJSON, or SSE with Accept: text/event-stream' })),
+});
+
+export const VmView = Type.Object(
+  {
+    id: Type.String(),
+    hostname: Type.String({ description: '<id>.<CAKEWORK_DOMAIN>' }),
+    endpoint: Type.String({ description: 'URL that reaches the app' }),
+    state: Type.Union(['created', 'starting', 'started', 'stopping', 'stopped', 'failed'].map((s) => Type.Literal(s))),
+    cpu: Type.Integer(),
+    memory: Type.Integer(),
+    port: Type.Integer(),
+    imageId: Type.String(),
+    volumeGB: Type.Optional(Type.Integer()),
+    exitCode: Type.Union([Type.Integer(), Type.Null()]),
+    error: Type.Union([Type.String(), Type.Null()]),
+    createdAt: Type.String({ format: 'date-time' }),
+    updatedAt: Type.String({ format: 'date-time' }),
+    startedAt: Type.Union([Type.String({ format: 'date-time' }), Type.Null()]),
+    stoppedAt: Type.Union([Type.String({ format: 'date-time' }), Type.Null()]),
+  },
+  { $id: 'Vm' },
+);
+
+export const VmList = Type.Object({
+  vms: Type.Array(Type.Ref('Vm')),
+  pagination: Type.Optional(Type.String()),
+});
+
+export const LogsResponse = Type.Object({
+  lines: Type.Array(Type.Object({ timestamp: Type.Integer(), level: Type.String(), message: Type.String() })),
+  pagination: Type.Optional(Type.String()),
+  from: Type.Optional(Type.String()),
+  to: Type.Optional(Type.String()),
 });
 
 export const BuildFromGithubBody = Type.Object({

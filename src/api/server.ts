@@ -2,7 +2,13 @@ import swagger from '@fastify/swagger';
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
 import Fastify, { LogController, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import secureJson from 'secure-json-parse';
+import http from 'node:http';
+import type { Duplex } from 'node:stream';
+import type { Config } from '../config.js';
 import type { ImageService } from '../images/service.js';
+import type { LogService } from '../logs/service.js';
+import { EndpointProxy } from '../proxy/proxy.js';
+import type { VmService } from '../vms/service.js';
 import type { Store } from '../store/store.js';
 import { newId } from '../util/ids.js';
 import { requireApiKey } from './auth.js';
@@ -10,7 +16,7 @@ import { ApiError, errorHandler } from './errors.js';
 import { buildRoutes } from './routes/builds.js';
 import { imageRoutes } from './routes/images.js';
 import { vmRoutes } from './routes/vms.js';
-import { ErrorSchema, ImageDetail } from './schemas.js';
+import { ErrorSchema, ImageDetail, VmView } from './schemas.js';
 
 /** Logs each request once, when it completes (with status and time), instead of twice: half the cost on hot paths. */
 class OneLinePerRequest extends LogController {
@@ -23,12 +29,45 @@ class OneLinePerRequest extends LogController {
 export interface ApiDeps {
   store: Store;
   images: ImageService;
+  vms: VmService;
+  logs: LogService;
   logger: FastifyInstance['log'];
+  config: Config;
+}
+
+/** The URL of a VM's endpoint: CAKEWORK_PUBLIC_URL's scheme and port, else http and the API's own port. */
+function endpointOf(app: FastifyInstance, config: Config, vmId: string): string {
+  const host = `${vmId}.${config.domain}`;
+  if (config.publicUrl) {
+    const u = new URL(config.publicUrl);
+    return `${u.protocol}//${host}${u.port ? `:${u.port}` : ''}`;
+  }
+  const addr = app.server.address();
+  const port = typeof addr === 'object' && addr ? addr.port : config.port;
+  return `http://${host}${port === 80 ? '' : `:${port}`}`;
 }
 
 export async function buildApi(deps: ApiDeps): Promise<FastifyInstance> {
+  const proxy = new EndpointProxy({ domain: deps.config.domain, route: (id) => deps.vms.route(id) });
   const app = Fastify({
     loggerInstance: deps.logger,
+    // Requests for `<vmId>.<domain>` never reach the API routes: the endpoint proxy takes them.
+    serverFactory: (handler) => {
+      const server = http.createServer((req, res) => {
+        const vmId = proxy.vmIdOf(req.headers.host);
+        if (vmId) proxy.handle(req, res, vmId);
+        else handler(req, res);
+      });
+      server.on('upgrade', (req: http.IncomingMessage, socket: Duplex, head: Buffer) => {
+        const vmId = proxy.vmIdOf(req.headers.host);
+        if (vmId) proxy.upgrade(req, socket, head, vmId);
+        else socket.destroy();
+      });
+      server.on('close', () => proxy.close());
+      return server;
+    },
+    // Follow-mode log streams never end by themselves: closing the server ends them.
+    forceCloseConnections: true,
     genReqId: () => newId('req_'),
     requestIdHeader: false,
     logController: new OneLinePerRequest(),
@@ -62,6 +101,7 @@ export async function buildApi(deps: ApiDeps): Promise<FastifyInstance> {
 
   app.addSchema(ErrorSchema);
   app.addSchema(ImageDetail);
+  app.addSchema(VmView);
   await app.register(swagger, {
     openapi: {
       openapi: '3.0.3',
@@ -82,7 +122,7 @@ export async function buildApi(deps: ApiDeps): Promise<FastifyInstance> {
     requireApiKey(v1, deps.store);
     await v1.register(imageRoutes(deps.images));
     await v1.register(buildRoutes);
-    await v1.register(vmRoutes);
+    await v1.register(vmRoutes({ vms: deps.vms, logs: deps.logs, domain: deps.config.domain, endpointOf: (id) => endpointOf(app, deps.config, id) }));
   });
 
   return app;

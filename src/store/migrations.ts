@@ -34,4 +34,37 @@ export const migrations: string[] = [
   );
   CREATE INDEX images_account ON images(account_id, created_at, id);
   `,
+  `
+  CREATE TABLE vms (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id),
+    image_id TEXT NOT NULL REFERENCES images(id),
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    cpu INTEGER NOT NULL,
+    memory INTEGER NOT NULL,
+    port INTEGER NOT NULL,
+    env_json TEXT NOT NULL,
+    volume_gb INTEGER,
+    slot INTEGER,
+    pid INTEGER,
+    run_dir TEXT,
+    exit_code INTEGER,
+    error TEXT,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    started_at INTEGER,
+    stopped_at INTEGER
+  );
+  CREATE INDEX vms_account ON vms(account_id, created_at, id);
+  CREATE INDEX vms_state ON vms(state);
+  CREATE TABLE log_lines (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    owner_id TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    level TEXT NOT NULL,
+    message TEXT NOT NULL
+  );
+  CREATE INDEX log_lines_owner ON log_lines(owner_id, id);
+  `,
 ];

@@ -97,6 +97,97 @@ function imageFromRow(r: ImageRow): ImageRecord {
   };
 }
 
+export type VmState = 'created' | 'starting' | 'started' | 'stopping' | 'stopped' | 'failed';
+export const LIVE_VM_STATES: VmState[] = ['created', 'starting', 'started', 'stopping'];
+
+export interface VmRecord {
+  id: string;
+  accountId: string;
+  imageId: string;
+  kind: 'vm';
+  state: VmState;
+  cpu: number;
+  memory: number;
+  port: number;
+  envVars: Record<string, string>;
+  volumeGb: number | null;
+  /** network slot: the VM's /30 inside the VM subnet */
+  slot: number | null;
+  pid: number | null;
+  runDir: string | null;
+  exitCode: number | null;
+  error: string | null;
+  createdAt: number;
+  updatedAt: number;
+  startedAt: number | null;
+  stoppedAt: number | null;
+}
+
+interface VmRow {
+  id: string;
+  account_id: string;
+  image_id: string;
+  kind: 'vm';
+  state: VmState;
+  cpu: number;
+  memory: number;
+  port: number;
+  env_json: string;
+  volume_gb: number | null;
+  slot: number | null;
+  pid: number | null;
+  run_dir: string | null;
+  exit_code: number | null;
+  error: string | null;
+  created_at: number;
+  updated_at: number;
+  started_at: number | null;
+  stopped_at: number | null;
+}
+
+function vmFromRow(r: VmRow): VmRecord {
+  return {
+    id: r.id,
+    accountId: r.account_id,
+    imageId: r.image_id,
+    kind: r.kind,
+    state: r.state,
+    cpu: r.cpu,
+    memory: r.memory,
+    port: r.port,
+    envVars: JSON.parse(r.env_json) as Record<string, string>,
+    volumeGb: r.volume_gb,
+    slot: r.slot,
+    pid: r.pid,
+    runDir: r.run_dir,
+    exitCode: r.exit_code,
+    error: r.error,
+    createdAt: r.created_at,
+    updatedAt: r.updated_at,
+    startedAt: r.started_at,
+    stoppedAt: r.stopped_at,
+  };
+}
+
+export type LogLevel = 'info' | 'error' | 'platform';
+
+export interface LogLine {
+  id: number;
+  ts: number;
+  level: LogLevel;
+  message: string;
+}
+
+export interface LogQuery {
+  query?: string;
+  from?: number;
+  to?: number;
+  order: 'oldest_first' | 'newest_first';
+  limit: number;
+  /** id of the last line of the previous page */
+  after?: number;
+}
+
 interface KeyRow {
   id: string;
   account_id: string;
@@ -254,21 +345,19 @@ export class Store {
     fields: Partial<Pick<ImageRecord, 'status' | 'digest' | 'size' | 'phase' | 'progressBytes' | 'totalBytes' | 'error' | 'config' | 'rootfsPath'>>,
     now = Date.now(),
   ): void {
+    const { config, ...rest } = fields;
+    this.updateRow('images', id, { ...rest, ...(config !== undefined ? { configJson: config ? JSON.stringify(config) : null } : {}) }, now);
+  }
+
+  /** Sets the given camelCase fields (as snake_case columns) and updated_at on one row. */
+  private updateRow(table: 'images' | 'vms', id: string, fields: Record<string, unknown>, now: number): void {
     const columns: Record<string, unknown> = {};
-    if (fields.status !== undefined) columns.status = fields.status;
-    if (fields.digest !== undefined) columns.digest = fields.digest;
-    if (fields.size !== undefined) columns.size = fields.size;
-    if (fields.phase !== undefined) columns.phase = fields.phase;
-    if (fields.progressBytes !== undefined) columns.progress_bytes = fields.progressBytes;
-    if (fields.totalBytes !== undefined) columns.total_bytes = fields.totalBytes;
-    if (fields.error !== undefined) columns.error = fields.error;
-    if (fields.config !== undefined) columns.config_json = fields.config ? JSON.stringify(fields.config) : null;
-    if (fields.rootfsPath !== undefined) columns.rootfs_path = fields.rootfsPath;
-    const names = Object.keys(columns);
-    const sets = names.map((n) => `${n} = @${n}`).join(', ');
-    this.db
-      .prepare(`UPDATE images SET ${sets}${sets ? ', ' : ''}updated_at = @updated_at WHERE id = @id`)
-      .run({ ...columns, updated_at: now, id });
+    for (const [k, v] of Object.entries(fields)) {
+      if (v !== undefined) columns[k.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`)] = v;
+    }
+    const sets = Object.keys(columns).map((n) => `${n} = @${n}`);
+    sets.push('updated_at = @updated_at');
+    this.db.prepare(`UPDATE ${table} SET ${sets.join(', ')} WHERE id = @id`).run({ ...columns, updated_at: now, id });
   }
 
   /** Imports cannot resume after a restart (the password is never stored), so they end as failed. */
@@ -276,6 +365,90 @@ export class Store {
     return this.db
       .prepare(`UPDATE images SET status = 'failed', phase = 'failed', error = ?, updated_at = ? WHERE status = 'importing'`)
       .run(reason, now).changes;
+  }
+
+  // --- VMs ---
+
+  insertVm(vm: Pick<VmRecord, 'id' | 'accountId' | 'imageId' | 'kind' | 'cpu' | 'memory' | 'port' | 'envVars' | 'volumeGb'>, now = Date.now()): VmRecord {
+    this.db
+      .prepare(
+        `INSERT INTO vms (id, account_id, image_id, kind, state, cpu, memory, port, env_json, volume_gb, created_at, updated_at)
+         VALUES (?, ?, ?, ?, 'created', ?, ?, ?, ?, ?, ?, ?)`,
+      )
+      .run(vm.id, vm.accountId, vm.imageId, vm.kind, vm.cpu, vm.memory, vm.port, JSON.stringify(vm.envVars), vm.volumeGb, now, now);
+    return this.getVmById(vm.id)!;
+  }
+
+  getVmById(id: string): VmRecord | null {
+    const r = this.stmtVmById.get(id) as VmRow | undefined;
+    return r ? vmFromRow(r) : null;
+  }
+
+  private readonly stmtVmById = this.lazy('SELECT * FROM vms WHERE id = ?');
+
+  getVm(accountId: string, id: string): VmRecord | null {
+    const vm = this.getVmById(id);
+    return vm && vm.accountId === accountId ? vm : null;
+  }
+
+  listVms(
+    accountId: string,
+    filter: { imageId?: string; state?: string },
+    limit: number,
+    cursor: { createdAt: number; id: string } | null,
+  ): Page<VmRecord> {
+    const where = ['account_id = @accountId'];
+    if (filter.imageId) where.push('image_id = @imageId');
+    if (filter.state) where.push('state = @state');
+    if (cursor) where.push('(created_at, id) > (@cAt, @cId)');
+    const rows = this.db
+      .prepare(`SELECT * FROM vms WHERE ${where.join(' AND ')} ORDER BY created_at, id LIMIT @lim`)
+      .all({ accountId, imageId: filter.imageId, state: filter.state, cAt: cursor?.createdAt, cId: cursor?.id, lim: limit + 1 }) as VmRow[];
+    const items = rows.slice(0, limit).map(vmFromRow);
+    const last = items[items.length - 1];
+    return { items, next: rows.length > limit && last ? encodeCursor(last.createdAt, last.id) : null };
+  }
+
+  vmsInStates(states: VmState[]): VmRecord[] {
+    const rows = this.db
+      .prepare(`SELECT * FROM vms WHERE state IN (${states.map(() => '?').join(', ')}) ORDER BY created_at`)
+      .all(...states) as VmRow[];
+    return rows.map(vmFromRow);
+  }
+
+  countLiveVms(accountId: string): number {
+    const r = this.db
+      .prepare(`SELECT COUNT(*) AS n FROM vms WHERE account_id = ? AND state IN (${LIVE_VM_STATES.map((s) => `'${s}'`).join(', ')})`)
+      .get(accountId) as { n: number };
+    return r.n;
+  }
+
+  updateVm(
+    id: string,
+    fields: Partial<Pick<VmRecord, 'state' | 'slot' | 'pid' | 'runDir' | 'exitCode' | 'error' | 'startedAt' | 'stoppedAt'>>,
+    now = Date.now(),
+  ): void {
+    this.updateRow('vms', id, fields, now);
+  }
+
+  // --- log lines ---
+
+  appendLogs(lines: Array<{ ownerId: string; ts: number; level: LogLevel; message: string }>): number[] {
+    const stmt = this.db.prepare('INSERT INTO log_lines (owner_id, ts, level, message) VALUES (?, ?, ?, ?)');
+    return this.db.transaction(() => lines.map((l) => Number(stmt.run(l.ownerId, l.ts, l.level, l.message).lastInsertRowid)))();
+  }
+
+  queryLogs(ownerId: string, q: LogQuery): LogLine[] {
+    const where = ['owner_id = @ownerId'];
+    if (q.query) where.push("message LIKE @like ESCAPE '\\'");
+    if (q.from !== undefined) where.push('ts >= @from');
+    if (q.to !== undefined) where.push('ts <= @to');
+    const desc = q.order === 'newest_first';
+    if (q.after !== undefined) where.push(desc ? 'id < @after' : 'id > @after');
+    const like = q.query ? `%${q.query.replace(/[\\%_]/g, (c) => `\\${c}`)}%` : undefined;
+    return this.db
+      .prepare(`SELECT id, ts, level, message FROM log_lines WHERE ${where.join(' AND ')} ORDER BY id ${desc ? 'DESC' : 'ASC'} LIMIT @limit`)
+      .all({ ownerId, like, from: q.from, to: q.to, after: q.after, limit: q.limit }) as LogLine[];
   }
 
   /** Prepares a statement on first use, so hot lookups skip SQL parsing. */

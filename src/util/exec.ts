@@ -4,6 +4,8 @@ export interface RunOptions {
   timeoutMs: number;
   signal?: AbortSignal;
   cwd?: string;
+  /** written to the program's stdin */
+  input?: string;
 }
 
 /**
@@ -14,15 +16,16 @@ export function run(cmd: string, args: string[], opts: RunOptions): Promise<{ st
   return new Promise((resolve, reject) => {
     const child = spawn(cmd, args, {
       cwd: opts.cwd,
-      stdio: ['ignore', 'pipe', 'pipe'],
+      stdio: [opts.input === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe'],
       timeout: opts.timeoutMs,
       killSignal: 'SIGKILL',
       signal: opts.signal,
     });
     let stdout = '';
     let stderr = '';
-    child.stdout.on('data', (d: Buffer) => (stdout = (stdout + d.toString()).slice(-65536)));
-    child.stderr.on('data', (d: Buffer) => (stderr = (stderr + d.toString()).slice(-65536)));
+    child.stdout!.on('data', (d: Buffer) => (stdout = (stdout + d.toString()).slice(-65536)));
+    child.stderr!.on('data', (d: Buffer) => (stderr = (stderr + d.toString()).slice(-65536)));
+    if (opts.input !== undefined) child.stdin!.end(opts.input);
     child.on('error', (err) => reject(new Error(`${cmd} could not run: ${err.message}`)));
     child.on('close', (code, signal) => {
       if (code === 0) resolve({ stdout, stderr });

@@ -1,0 +1,127 @@
+import fs from 'node:fs';
+import { run } from '../util/exec.js';
+
+/**
+ * Host side of VM networking. Each VM gets a tap device `cwt<slot>` in the host's namespace and its
+ * own /30 inside the VM subnet (host .1, guest .2). nftables rules make every VM reach outside
+ * addresses (masqueraded) but never the host itself (the API, loopback services, anything addressed
+ * to the host) and never another VM; the host can still open connections into a VM (the endpoint
+ * proxy), whose replies are let back in as established traffic.
+ */
+
+export const TAP_PREFIX = 'cwt';
+const TABLE = 'cakework';
+
+export interface Link {
+  slot: number;
+  tap: string;
+  hostIp: string;
+  guestIp: string;
+  prefix: number;
+  mac: string;
+}
+
+function ipToInt(ip: string): number {
+  return ip.split('.').reduce((n, o) => n * 256 + Number(o), 0);
+}
+
+function intToIp(n: number): string {
+  return [n >>> 24, (n >>> 16) & 255, (n >>> 8) & 255, n & 255].join('.');
+}
+
+export class HostNetwork {
+  private readonly base: number;
+  private readonly slots: number;
+  private readonly used = new Set<number>();
+
+  /** `subnet` like 10.213.0.0/16: the VMs' private range on this host (never routed off it). */
+  constructor(readonly subnet: string) {
+    const [addr, bits] = subnet.split('/');
+    const prefix = Number(bits);
+    if (!addr || !/^\d+\.\d+\.\d+\.\d+$/.test(addr) || !(prefix >= 8 && prefix <= 28)) {
+      throw new Error(`CAKEWORK_VM_SUBNET must look like 10.213.0.0/16 (prefix 8-28), got "${subnet}"`);
+    }
+    this.base = ipToInt(addr) & (prefix === 0 ? 0 : (0xffffffff << (32 - prefix)) >>> 0);
+    this.slots = 2 ** (32 - prefix) / 4;
+  }
+
+  link(slot: number): Link {
+    const net = this.base + slot * 4;
+    const mac = `52:54:00:${((slot >> 16) & 255).toString(16).padStart(2, '0')}:${((slot >> 8) & 255).toString(16).padStart(2, '0')}:${(slot & 255).toString(16).padStart(2, '0')}`;
+    return { slot, tap: `${TAP_PREFIX}${slot}`, hostIp: intToIp(net + 1), guestIp: intToIp(net + 2), prefix: 30, mac };
+  }
+
+  /** Installs the isolation rules (replacing ours from an earlier run) and enables forwarding. */
+  async init(): Promise<void> {
+    fs.writeFileSync('/proc/sys/net/ipv4/ip_forward', '1');
+    await run('nft', ['delete', 'table', 'inet', TABLE], { timeoutMs: 10_000 }).catch(() => undefined);
+    const rules = `
+table inet ${TABLE} {
+  chain input {
+    type filter hook input priority -10; policy accept;
+    iifname "${TAP_PREFIX}*" ct state established,related accept
+    iifname "${TAP_PREFIX}*" drop
+  }
+  chain forward {
+    type filter hook forward priority -10; policy accept;
+    iifname "${TAP_PREFIX}*" oifname "${TAP_PREFIX}*" drop
+    oifname "${TAP_PREFIX}*" ct state established,related accept
+    oifname "${TAP_PREFIX}*" drop
+    iifname "${TAP_PREFIX}*" accept
+  }
+  chain postrouting {
+    type nat hook postrouting priority 100; policy accept;
+    ip saddr ${this.subnet} oifname != "${TAP_PREFIX}*" masquerade
+  }
+}
+`;
+    const file = `/tmp/cakework-nft-${process.pid}.conf`;
+    fs.writeFileSync(file, rules);
+    try {
+      await run('nft', ['-f', file], { timeoutMs: 10_000 });
+    } finally {
+      fs.rmSync(file, { force: true });
+    }
+  }
+
+  /** Marks a slot used by a VM found at start-up (adopted). */
+  claim(slot: number): void {
+    this.used.add(slot);
+  }
+
+  allocate(): Link {
+    for (let s = 0; s < this.slots; s++) {
+      if (!this.used.has(s)) {
+        this.used.add(s);
+        return this.link(s);
+      }
+    }
+    throw new Error('no free VM network slot');
+  }
+
+  release(slot: number): void {
+    this.used.delete(slot);
+  }
+
+  /** Creates the tap (replacing a stale one of the same name) in one `ip -batch` call. */
+  async createTap(link: Link): Promise<void> {
+    await run('ip', ['link', 'del', link.tap], { timeoutMs: 10_000 }).catch(() => undefined);
+    await run('ip', ['-batch', '-'], {
+      timeoutMs: 10_000,
+      input: `tuntap add dev ${link.tap} mode tap\naddr add ${link.hostIp}/${link.prefix} dev ${link.tap}\nlink set ${link.tap} up\n`,
+    });
+  }
+
+  async removeTap(link: Link): Promise<void> {
+    await run('ip', ['link', 'del', link.tap], { timeoutMs: 10_000 }).catch(() => undefined);
+  }
+
+  /** Taps of ours that no live VM owns (left by a crash) are deleted. */
+  async removeStaleTaps(keep: Set<string>): Promise<void> {
+    for (const name of fs.readdirSync('/sys/class/net')) {
+      if (name.startsWith(TAP_PREFIX) && /^\d+$/.test(name.slice(TAP_PREFIX.length)) && !keep.has(name)) {
+        await run('ip', ['link', 'del', name], { timeoutMs: 10_000 }).catch(() => undefined);
+      }
+    }
+  }
+}
