@@ -302,22 +302,35 @@ static void setup_network(const struct config *c) {
 
 /* ---------- user resolution inside the image ---------- */
 
-/* Looks `name` up in an /etc/passwd- or /etc/group-style file of the image: returns field 3 (the id). */
-static int lookup_id(const char *file, const char *name, long *id, long *gid) {
+/*
+ * Finds an entry of an /etc/passwd- or /etc/group-style file of the image, by name or (when `by_id`)
+ * by its numeric id, and returns its id, gid (field 4) and home (field 6) where the file has them.
+ */
+static int lookup(const char *file, const char *key, int by_id, long *id, long *gid, char **home) {
   FILE *f = fopen(file, "re");
   if (!f) return -1;
   char line[1024];
   int found = -1;
   while (fgets(line, sizeof line, f)) {
-    char *save, *fields[7] = {0};
+    char *fields[7] = {0};
     int n = 0;
-    for (char *t = strtok_r(line, ":\n", &save); t && n < 7; t = strtok_r(NULL, ":\n", &save)) fields[n++] = t;
-    if (n >= 3 && strcmp(fields[0], name) == 0) {
-      *id = atol(fields[2]);
-      if (gid && n >= 4) *gid = atol(fields[3]);
-      found = 0;
-      break;
+    /* split on ':' keeping empty fields */
+    for (char *p = line; n < 7;) {
+      fields[n++] = p;
+      char *c = strpbrk(p, ":\n");
+      if (!c) break;
+      int last = *c == '\n';
+      *c = 0;
+      if (last) break;
+      p = c + 1;
     }
+    if (n < 3) continue;
+    if (by_id ? strcmp(fields[2], key) != 0 : strcmp(fields[0], key) != 0) continue;
+    *id = atol(fields[2]);
+    if (gid && n >= 4) *gid = atol(fields[3]);
+    if (home && n >= 6 && *fields[5]) *home = strdup(fields[5]);
+    found = 0;
+    break;
   }
   fclose(f);
   return found;
@@ -337,43 +350,23 @@ static int apply_user(const char *spec, char **home) {
   snprintf(buf, sizeof buf, "%s", spec);
   char *group = strchr(buf, ':');
   if (group) *group++ = 0;
-  long uid = 0, gid = 0;
-  int have_gid = 0;
+  long uid = 0, gid = -1;
   if (numeric(buf)) {
+    /* a uid need not be in /etc/passwd; when it is, its group and home apply */
     uid = atol(buf);
-    /* no NSS in a static binary: read the file */
-    FILE *f = fopen("/etc/passwd", "re");
-    if (f) {
-      char line[1024];
-      while (fgets(line, sizeof line, f)) {
-        char *save, *fields[7] = {0};
-        int n = 0;
-        for (char *t = strtok_r(line, ":\n", &save); t && n < 7; t = strtok_r(NULL, ":\n", &save)) fields[n++] = t;
-        if (n >= 4 && atol(fields[2]) == uid && numeric(fields[2])) {
-          gid = atol(fields[3]);
-          have_gid = 1;
-          if (n >= 6 && home) *home = strdup(fields[5]);
-          break;
-        }
-      }
-      fclose(f);
-    }
-  } else {
-    if (lookup_id("/etc/passwd", buf, &uid, &gid) != 0) {
-      fprintf(stderr, "cakework: user \"%s\" not found in the image's /etc/passwd\n", buf);
-      return -1;
-    }
-    have_gid = 1;
+    lookup("/etc/passwd", buf, 1, &uid, &gid, home);
+  } else if (lookup("/etc/passwd", buf, 0, &uid, &gid, home) != 0) {
+    fprintf(stderr, "cakework: user \"%s\" not found in the image's /etc/passwd\n", buf);
+    return -1;
   }
   if (group) {
     if (numeric(group)) gid = atol(group);
-    else if (lookup_id("/etc/group", group, &gid, NULL) != 0) {
+    else if (lookup("/etc/group", group, 0, &gid, NULL, NULL) != 0) {
       fprintf(stderr, "cakework: group \"%s\" not found in the image's /etc/group\n", group);
       return -1;
     }
-    have_gid = 1;
   }
-  if (!have_gid) gid = uid == 0 ? 0 : uid;
+  if (gid < 0) gid = uid;
   gid_t g = (gid_t)gid;
   if (setgroups(1, &g) != 0 || setgid(g) != 0 || setuid((uid_t)uid) != 0) {
     fprintf(stderr, "cakework: cannot switch to user %s: %s\n", spec, strerror(errno));

@@ -9,7 +9,7 @@ import { run } from '../util/exec.js';
  * proxy), whose replies are let back in as established traffic.
  */
 
-export const TAP_PREFIX = 'cwt';
+export const TAP_PREFIX = 'cwvm';
 const TABLE = 'cakework';
 
 export interface Link {

@@ -315,7 +315,22 @@ export async function pushIndex(
   return putManifest(reg, repo, tag, body, 'application/vnd.oci.image.index.v1+json');
 }
 
-/** The busybox-static test app: `busybox httpd` serving /www on port 8080. */
+const APPLETS = ['cat', 'echo', 'env', 'grep', 'head', 'httpd', 'nc', 'nproc', 'printf', 'sed', 'sha1sum', 'base64', 'xxd', 'tr', 'cut', 'sleep', 'id', 'pwd', 'ls', 'date', 'hostname', 'ip', 'touch', 'test'];
+
+/** A WebSocket handshake in busybox sh (run per connection by `nc -ll -e`), then a byte echo. */
+const WS_ECHO = `#!/bin/sh
+key=""
+while IFS= read -r line; do
+  line=$(printf '%s' "$line" | tr -d '\r')
+  [ -z "$line" ] && break
+  case "$line" in [Ss]ec-[Ww]eb[Ss]ocket-[Kk]ey:*) key=$(printf '%s' "\${line#*:}" | tr -d ' ') ;; esac
+done
+accept=$(printf '%s' "\${key}258EAFA5-E914-47DA-95CA-C5AB0DC85B11" | sha1sum | cut -d' ' -f1 | xxd -r -p | base64)
+printf 'HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n' "$accept"
+exec cat
+`;
+
+/** The busybox-static test app: `busybox httpd` serving /www on port 8080, plus applets and scripts. */
 export async function busyboxLayer(compression: Compression = 'gzip', format: 'oci' | 'docker' = 'oci'): Promise<Layer> {
   const busybox = fs.readFileSync('/bin/busybox');
   return compressLayer(
@@ -323,6 +338,12 @@ export async function busyboxLayer(compression: Compression = 'gzip', format: 'o
       { name: 'bin/', type: 'directory' },
       { name: 'bin/busybox', content: busybox, mode: 0o755 },
       { name: 'bin/sh', type: 'symlink', linkname: 'busybox' },
+      ...APPLETS.map((a): TarEntry => ({ name: `bin/${a}`, type: 'symlink', linkname: 'busybox' })),
+      { name: 'etc/', type: 'directory' },
+      { name: 'etc/passwd', content: 'root:x:0:0:root:/root:/bin/sh\nappuser:x:1000:1000:app:/home/app:/bin/sh\n' },
+      { name: 'etc/group', content: 'root:x:0:\napp:x:1000:\n' },
+      { name: 'home/app/', type: 'directory', uid: 1000, gid: 1000 },
+      { name: 'ws-echo.sh', content: WS_ECHO, mode: 0o755 },
       { name: 'www/', type: 'directory' },
       { name: 'www/index.html', content: 'hello from busybox\n' },
       { name: 'tmp/', type: 'directory', mode: 0o1777 },
