@@ -3,6 +3,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
 import { after, before, describe, test } from 'node:test';
+import { HostNetwork } from '../src/vms/network.js';
 import { request, waitFor200 } from './helpers/http.js';
 import { busyboxConfig, busyboxLayer, startRegistry, type Layer, type TestRegistry } from './helpers/registry.js';
 import { startTestServer, type TestServer } from './helpers/server.js';
@@ -195,7 +196,7 @@ describe('microVMs', { skip }, () => {
     // Another tenant's VM to aim at.
     const other = await srv.call('POST', '/v1/vm/start', { imageId: httpd, waitForPort: true });
     assert.equal(other.status, 200);
-    const otherIp = `198.18.0.${(srv.store.getVmById(other.body.id)!.slot! * 4) + 2}`;
+    const otherIp = new HostNetwork('198.18.0.0/16').link(srv.store.getVmById(other.body.id)!.slot!).guestIp;
     const apiPort = new URL(srv.url).port;
     const probe = (label: string, host: string, port: string | number) =>
       `if printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 ${host} ${port} | head -c 200 | grep -q .; then echo "${label}=reached"; else echo "${label}=blocked"; fi`;

@@ -68,11 +68,14 @@ export function qemuArgs(spec: MachineSpec): string[] {
   ];
   return [
     // acpi=off makes QEMU list the virtio-mmio devices on the kernel command line (the kernel has no ACPI)
-    '-M', 'microvm,acpi=off,x-option-roms=off',
-    '-accel', spec.accel === 'kvm' ? 'kvm' : 'tcg,thread=multi,tb-size=32',
+    '-M', 'microvm,acpi=off,x-option-roms=off,memory-backend=ram',
+    // memfd (shmem) RAM: no transparent huge pages, so an idle guest costs the 4 KiB pages it touched
+    // rather than whole 2 MiB pages (measured: 50 MiB of touched RAM became 80 MiB under THP).
+    '-object', `memory-backend-memfd,id=ram,size=${spec.memoryMb}M`,
+    '-accel', spec.accel === 'kvm' ? 'kvm' : 'tcg,thread=multi,tb-size=16',
     '-cpu', spec.accel === 'kvm' ? 'host' : 'max',
     '-smp', String(spec.cpu),
-    '-m', String(spec.memoryMb),
+    '-m', `${spec.memoryMb}M`,
     '-nodefaults', '-no-user-config', '-nographic', '-no-reboot',
     '-name', `cakework-${spec.id}`,
     '-kernel', spec.assets.kernel,

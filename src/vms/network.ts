@@ -33,6 +33,7 @@ export class HostNetwork {
   private readonly base: number;
   private readonly slots: number;
   private readonly used = new Set<number>();
+  private next = 0;
 
   /** `subnet` like 10.213.0.0/16: the VMs' private range on this host (never routed off it). */
   constructor(readonly subnet: string) {
@@ -89,10 +90,16 @@ table inet ${TABLE} {
     this.used.add(slot);
   }
 
+  /**
+   * Slots are handed out round-robin, so a new VM does not get the address a VM just left: stale
+   * keep-alive connections and neighbour entries for that address would otherwise hit the newcomer.
+   */
   allocate(): Link {
-    for (let s = 0; s < this.slots; s++) {
+    for (let i = 0; i < this.slots; i++) {
+      const s = (this.next + i) % this.slots;
       if (!this.used.has(s)) {
         this.used.add(s);
+        this.next = (s + 1) % this.slots;
         return this.link(s);
       }
     }

@@ -6,13 +6,13 @@ import type { Config } from '../config.js';
 import type { ImageService } from '../images/service.js';
 import type { LogService } from '../logs/service.js';
 import { LIVE_VM_STATES, type Page, type Store, type VmRecord } from '../store/store.js';
-import { run } from '../util/exec.js';
 import { newId } from '../util/ids.js';
 import { probeAccel } from './accel.js';
 import { admit } from './capacity.js';
 import { encodeGuestRun, guestAssets, guestRun, missingAssets, type GuestAssets } from './guest.js';
 import { Machine, type Accel, type ExitInfo } from './machine.js';
 import { HostNetwork, type Link } from './network.js';
+import { makeScratchDisk } from './scratch.js';
 
 export interface StartVmRequest {
   imageId: string;
@@ -192,7 +192,7 @@ export class VmService {
     try {
       fs.mkdirSync(runDir, { recursive: true, mode: 0o700 });
       const scratch = path.join(runDir, 'scratch.ext4');
-      await this.makeScratch(scratch, vm.volumeGb ?? this.config.scratchGb);
+      await makeScratchDisk(scratch, vm.volumeGb ?? this.config.scratchGb);
       await this.network.createTap(link);
       const guest = guestRun(image.config!, vm.envVars, { hostname: vm.id, ip: link.guestIp, gateway: link.hostIp, prefix: link.prefix });
       machine = await Machine.launch(
@@ -338,13 +338,6 @@ export class VmService {
     this.logs.append(id, 'platform', `failed: ${reason}`);
     this.store.updateVm(id, { state: 'failed', error: reason, stoppedAt: Date.now() });
     this.logs.end(id);
-  }
-
-  /** The overlay's writable disk: a sparse ext4 file (no journal: it is discarded with the VM). */
-  private async makeScratch(file: string, gb: number): Promise<void> {
-    fs.closeSync(fs.openSync(file, 'w'));
-    fs.truncateSync(file, gb * 1024 ** 3);
-    await run('mkfs.ext4', ['-q', '-F', '-m', '0', '-O', '^has_journal', '-E', 'lazy_itable_init=1,lazy_journal_init=1', file], { timeoutMs: 60_000 });
   }
 
   /** A stopped VM keeps its record and logs; its overlay disk, sockets and run files go. */
