@@ -417,15 +417,29 @@ static pid_t start_workload(struct config *c, int out_fd, int err_fd) {
   _exit(errno == ENOENT ? 127 : 126);
 }
 
-static long oom_kills(void) {
-  FILE *f = fopen("/proc/vmstat", "re");
-  if (!f) return 0;
-  char key[64];
-  long v, total = 0;
-  while (fscanf(f, "%63s %ld", key, &v) == 2)
-    if (strcmp(key, "oom_kill") == 0) total = v;
-  fclose(f);
-  return total;
+/*
+ * The kernel log, read from where it stood when the workload started: an OOM kill leaves an
+ * "Out of memory: Killed process" record there (tinyconfig kernels have no oom_kill vmstat counter).
+ */
+static int kmsg_fd = -1;
+
+static void kmsg_open(void) {
+  kmsg_fd = open("/dev/kmsg", O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  if (kmsg_fd >= 0) lseek(kmsg_fd, 0, SEEK_END);
+}
+
+static int kmsg_saw_oom(void) {
+  if (kmsg_fd < 0) return 0;
+  char rec[2048];
+  int oom = 0;
+  for (;;) {
+    ssize_t n = read(kmsg_fd, rec, sizeof rec - 1);
+    if (n < 0 && errno == EPIPE) continue; /* records were overwritten: keep reading */
+    if (n <= 0) break;
+    rec[n] = 0;
+    if (strstr(rec, "Out of memory") || strstr(rec, "oom-kill") || strstr(rec, "Killed process")) oom = 1;
+  }
+  return oom;
 }
 
 int main(void) {
@@ -475,7 +489,7 @@ int main(void) {
   sigprocmask(SIG_BLOCK, &mask, NULL);
   int sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
 
-  long oom_before = oom_kills();
+  kmsg_open();
   pid_t main_pid = start_workload(&cfg, out_fd, err_fd);
   close(out_fd);
   close(err_fd);
@@ -520,7 +534,7 @@ int main(void) {
   if (WIFEXITED(main_status)) {
     say("exit %d", WEXITSTATUS(main_status));
   } else if (WIFSIGNALED(main_status)) {
-    if (WTERMSIG(main_status) == SIGKILL && oom_kills() > oom_before) say("oom");
+    if (WTERMSIG(main_status) == SIGKILL && kmsg_saw_oom()) say("oom");
     else say("signal %d", WTERMSIG(main_status));
   }
   /* Whatever the workload left behind goes too. */

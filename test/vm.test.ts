@@ -141,6 +141,16 @@ describe('microVMs', { skip }, () => {
     await srv.call('POST', `/v1/vm/${r.body.id}/stop`);
   });
 
+  test('an app killed by the out-of-memory killer fails the VM with that reason', async () => {
+    const image = await importImage(srv, reg, 'vmtest/oom', 'v1', { layers: [layer], config: { ...busyboxConfig, Cmd: ['/bin/busybox', 'dd', 'if=/dev/zero', 'of=/dev/null', 'bs=220M', 'count=1'] } });
+    const r = await srv.call('POST', '/v1/vm/start', { imageId: image, memory: 256 });
+    assert.equal(r.status, 200, JSON.stringify(r.body));
+    const vm = await waitForVm(srv, r.body.id, isOver);
+    assert.equal(vm.state, 'failed');
+    assert.equal(vm.error, 'the app was killed: out of memory');
+    assert.ok((await logLines(srv, vm.id)).some((l) => l.level === 'platform' && l.message === 'killed: out of memory'));
+  });
+
   test('startVM validates input: ranges, unknown image 404, failed image 400, still importing 409', async () => {
     for (const [body, field] of [
       [{ imageId: httpd, cpu: 0 }, 'cpu'],
@@ -230,6 +240,12 @@ describe('microVMs', { skip }, () => {
     const streamed = (await follow.text()).trim().split('\n').map((l) => JSON.parse(l));
     assert.ok(streamed.some((l) => l.message === 'last'), 'follow ends after the VM stopped, with every line');
     assert.ok(streamed.some((l) => l.level === 'platform' && /exited with code 0/.test(l.message)));
+
+    const sse = await fetch(`${srv.url}/v1/vm/${id}/logs?follow=true&query=needle`, { headers: { 'x-api-key': srv.key, accept: 'text/event-stream' } });
+    assert.equal(sse.headers.get('content-type'), 'text/event-stream');
+    const events = (await sse.text()).trim().split('\n\n');
+    assert.equal(events.length, 1, 'a stopped VM: the stream replays matching lines and ends');
+    assert.match(events[0]!, /^id: \d+\ndata: \{"timestamp":\d+,"level":"info","message":"special needle"\}$/);
 
     const needle = await srv.call('GET', `/v1/vm/${id}/logs?query=NEEDLE`);
     assert.deepEqual(needle.body.lines.map((l: { message: string }) => l.message), ['special needle']);
