@@ -10,7 +10,7 @@
  * Written in C because it must be a small static binary with no runtime in the guest.
  *
  * Control protocol (lines on cw.control):
- *   host -> guest: the config block (see read_config), then commands: "stop", "time <epoch_ms>"
+ *   host -> guest: the config block (see read_config), then commands: "stop", "time <epoch_ms>", "seed <hex>"
  *   guest -> host: "started <pid>", "exit <code>", "signal <n>", "oom", "error <text>"
  */
 #define _GNU_SOURCE
@@ -256,6 +256,22 @@ static void set_time(long long ms) {
   settimeofday(&tv, NULL);
 }
 
+/* Mixes host randomness (hex) into the guest pool: every restore of a snapshot starts from one RNG state. */
+static void reseed(const char *hex) {
+  unsigned char buf[128];
+  size_t n = 0;
+  for (; n < sizeof buf && hex[2 * n] && hex[2 * n + 1]; n++) {
+    unsigned int b;
+    if (sscanf(hex + 2 * n, "%2x", &b) != 1) break;
+    buf[n] = (unsigned char)b;
+  }
+  int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+  if (fd < 0) return;
+  ssize_t w = write(fd, buf, n);
+  (void)w;
+  close(fd);
+}
+
 /* ---------- network ---------- */
 
 static void if_up(int s, const char *name) {
@@ -465,7 +481,8 @@ int main(void) {
   if (find_disk("image", image, sizeof image) != 0) fatal("no image disk");
   if (find_disk("scratch", scratch, sizeof scratch) != 0) fatal("no scratch disk");
   must_mount(image, "/mnt/lower", "erofs", MS_RDONLY, NULL);
-  must_mount(scratch, "/mnt/scratch", "ext4", MS_NOATIME, NULL);
+  /* noinit_itable: no background zeroing of inode tables, a disk that lives as long as the VM never needs it */
+  must_mount(scratch, "/mnt/scratch", "ext4", MS_NOATIME, "noinit_itable");
   mkdirs("/mnt/scratch/upper");
   mkdirs("/mnt/scratch/work");
   must_mount("overlay", "/mnt/root", "overlay", 0,
@@ -496,7 +513,7 @@ int main(void) {
   say("started %d", (int)main_pid);
 
   int main_status = -1;
-  char line[256];
+  char line[512];
   size_t line_len = 0;
   while (main_status < 0) {
     struct pollfd fds[2] = {{.fd = sfd, .events = POLLIN}, {.fd = control_fd, .events = POLLIN}};
@@ -520,6 +537,7 @@ int main(void) {
           *nl = 0;
           if (strcmp(line, "stop") == 0) kill(-main_pid, SIGTERM);
           else if (strncmp(line, "time ", 5) == 0) set_time(atoll(line + 5));
+          else if (strncmp(line, "seed ", 5) == 0) reseed(line + 5);
           size_t used = nl + 1 - line;
           memmove(line, nl + 1, line_len - used);
           line_len -= used;

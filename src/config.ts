@@ -23,6 +23,7 @@ export interface Config {
   bootTimeoutMs: number;
   imageWaitMs: number;
   portWaitMs: number;
+  cacheTimeoutMs: number;
   memoryOvercommit: number;
   cpuOvercommit: number;
   maxVmsPerAccount: number;
@@ -89,6 +90,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     bootTimeoutMs: intVar(env, 'CAKEWORK_BOOT_TIMEOUT_MS', 60_000, 1000, 600_000),
     imageWaitMs: intVar(env, 'CAKEWORK_IMAGE_WAIT_MS', 60_000, 0, 3_600_000),
     portWaitMs: intVar(env, 'CAKEWORK_PORT_WAIT_MS', 30_000, 0, 600_000),
+    cacheTimeoutMs: intVar(env, 'CAKEWORK_CACHE_TIMEOUT_MS', 60_000, 100, 3_600_000),
     memoryOvercommit: numVar(env, 'CAKEWORK_MEMORY_OVERCOMMIT', 1.5, 0.1, 100),
     cpuOvercommit: numVar(env, 'CAKEWORK_CPU_OVERCOMMIT', 4, 0.1, 1000),
     maxVmsPerAccount: intVar(env, 'CAKEWORK_MAX_VMS_PER_ACCOUNT', 20, 1, 100_000),

@@ -94,7 +94,11 @@ export const StartVmBody = Type.Object({
   waitForPort: Type.Optional(Type.Boolean({ description: 'Answer only once the app accepts connections on `port` (bounded by CAKEWORK_PORT_WAIT_MS)' })),
 });
 
-export const CacheVmBody = Type.Object(vmShape);
+export const CacheVmBody = Type.Object({
+  ...vmShape,
+  wakeOnRequest: Type.Optional(Type.Boolean({ description: 'A request to the stopped VM\'s endpoint starts it (default true)' })),
+  idleStopSeconds: Type.Optional(Type.Integer({ minimum: 1, maximum: 86400, description: 'Stop after this many seconds without a request to the endpoint' })),
+});
 
 export const ListVmsQuery = Type.Object({
   imageId: Type.Optional(id('Only VMs of this image')),
@@ -118,7 +122,7 @@ export const VmView = Type.Object(
     id: Type.String(),
     hostname: Type.String({ description: '<id>.<CAKEWORK_DOMAIN>' }),
     endpoint: Type.String({ description: 'URL that reaches the app' }),
-    state: Type.Union(['created', 'starting', 'started', 'stopping', 'stopped', 'failed'].map((s) => Type.Literal(s))),
+    state: Type.Union(['created', 'caching', 'starting', 'started', 'stopping', 'stopped', 'failed', 'destroyed'].map((s) => Type.Literal(s))),
     cpu: Type.Integer(),
     memory: Type.Integer(),
     port: Type.Integer(),
@@ -132,6 +136,20 @@ export const VmView = Type.Object(
     stoppedAt: Type.Union([Type.String({ format: 'date-time' }), Type.Null()]),
   },
   { $id: 'Vm' },
+);
+
+export const CachedVmView = Type.Object(
+  {
+    ...VmView.properties,
+    runs: Type.Integer({ description: 'How many times it was started from its snapshot' }),
+    wakeOnRequest: Type.Boolean(),
+    idleStopSeconds: Type.Union([Type.Integer(), Type.Null()]),
+    disk: Type.Union([
+      Type.Object({ ramBytes: Type.Integer(), stateBytes: Type.Integer(), diskBytes: Type.Integer() }, { description: 'Bytes the snapshot uses on disk; the image disk is shared' }),
+      Type.Null(),
+    ]),
+  },
+  { $id: 'CachedVm' },
 );
 
 export const VmList = Type.Object({

@@ -16,7 +16,7 @@ import { ApiError, errorHandler } from './errors.js';
 import { buildRoutes } from './routes/builds.js';
 import { imageRoutes } from './routes/images.js';
 import { vmRoutes } from './routes/vms.js';
-import { ErrorSchema, ImageDetail, VmView } from './schemas.js';
+import { CachedVmView, ErrorSchema, ImageDetail, VmView } from './schemas.js';
 
 /** Logs each request once, when it completes (with status and time), instead of twice: half the cost on hot paths. */
 class OneLinePerRequest extends LogController {
@@ -102,6 +102,7 @@ export async function buildApi(deps: ApiDeps): Promise<FastifyInstance> {
   app.addSchema(ErrorSchema);
   app.addSchema(ImageDetail);
   app.addSchema(VmView);
+  app.addSchema(CachedVmView);
   await app.register(swagger, {
     openapi: {
       openapi: '3.0.3',

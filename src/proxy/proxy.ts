@@ -13,8 +13,8 @@ export type Route = { host: string; port: number } | { state: string } | null;
 
 export interface ProxyOptions {
   domain: string;
-  /** where a VM's traffic goes, why it cannot, or null for an unknown VM */
-  route(vmId: string): Route;
+  /** where a VM's traffic goes, why it cannot, or null for an unknown VM (async: a cached VM may be woken) */
+  route(vmId: string): Route | Promise<Route>;
 }
 
 const HOP_BY_HOP = ['connection', 'keep-alive', 'proxy-connection', 'transfer-encoding', 'te', 'trailer', 'upgrade'];
@@ -43,7 +43,19 @@ export class EndpointProxy {
   }
 
   handle(req: http.IncomingMessage, res: http.ServerResponse, vmId: string): void {
-    const route = this.opts.route(vmId);
+    const r = this.opts.route(vmId);
+    if (r instanceof Promise) {
+      req.pause(); // keep the body until the VM is up
+      r.then(
+        (route) => this.forward(req, res, vmId, route),
+        (err: Error) => res.writeHead(502, { 'content-type': 'application/json' }).end(JSON.stringify({ error: { code: 'bad_gateway', message: `VM ${vmId} could not be started: ${err.message}` } })),
+      );
+    } else {
+      this.forward(req, res, vmId, r);
+    }
+  }
+
+  private forward(req: http.IncomingMessage, res: http.ServerResponse, vmId: string, route: Route): void {
     if (!route || !('host' in route)) {
       const r = this.refuse(vmId, route);
       res.writeHead(r.status, { 'content-type': 'application/json' }).end(r.body);
@@ -84,7 +96,20 @@ export class EndpointProxy {
 
   /** Tunnels an Upgrade request (WebSocket) as raw bytes once the app accepts the connection. */
   upgrade(req: http.IncomingMessage, socket: Duplex, head: Buffer, vmId: string): void {
-    const route = this.opts.route(vmId);
+    const r = this.opts.route(vmId);
+    if (r instanceof Promise) {
+      socket.pause();
+      r.then(
+        (route) => this.tunnel(req, socket, head, vmId, route),
+        () => socket.destroy(),
+      );
+    } else {
+      this.tunnel(req, socket, head, vmId, r);
+    }
+  }
+
+  private tunnel(req: http.IncomingMessage, socket: Duplex, head: Buffer, vmId: string, route: Route): void {
+    socket.resume();
     if (!route || !('host' in route)) {
       const r = this.refuse(vmId, route);
       socket.end(`HTTP/1.1 ${r.status} ${http.STATUS_CODES[r.status]}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(r.body)}\r\nconnection: close\r\n\r\n${r.body}`);

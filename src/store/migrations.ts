@@ -67,4 +67,10 @@ export const migrations: string[] = [
   );
   CREATE INDEX log_lines_owner ON log_lines(owner_id, id);
   `,
+  `
+  ALTER TABLE vms ADD COLUMN snapshot_dir TEXT;
+  ALTER TABLE vms ADD COLUMN wake INTEGER NOT NULL DEFAULT 1;
+  ALTER TABLE vms ADD COLUMN runs INTEGER NOT NULL DEFAULT 0;
+  ALTER TABLE vms ADD COLUMN idle_stop_s INTEGER;
+  `,
 ];

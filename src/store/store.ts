@@ -97,14 +97,16 @@ function imageFromRow(r: ImageRow): ImageRecord {
   };
 }
 
-export type VmState = 'created' | 'starting' | 'started' | 'stopping' | 'stopped' | 'failed';
-export const LIVE_VM_STATES: VmState[] = ['created', 'starting', 'started', 'stopping'];
+export type VmState = 'created' | 'caching' | 'starting' | 'started' | 'stopping' | 'stopped' | 'failed' | 'destroyed';
+/** States in which a VM holds host memory and vCPUs. */
+export const LIVE_VM_STATES: VmState[] = ['created', 'caching', 'starting', 'started', 'stopping'];
+export type VmKind = 'vm' | 'cached';
 
 export interface VmRecord {
   id: string;
   accountId: string;
   imageId: string;
-  kind: 'vm';
+  kind: VmKind;
   state: VmState;
   cpu: number;
   memory: number;
@@ -121,13 +123,21 @@ export interface VmRecord {
   updatedAt: number;
   startedAt: number | null;
   stoppedAt: number | null;
+  /** cached VMs: where the snapshot (RAM, device state, disk) lives */
+  snapshotDir: string | null;
+  /** cached VMs: a request to the stopped VM's endpoint starts it */
+  wake: boolean;
+  /** cached VMs: how many times it was started from its snapshot */
+  runs: number;
+  /** cached VMs: stop after this many seconds without traffic (null: never) */
+  idleStopS: number | null;
 }
 
 interface VmRow {
   id: string;
   account_id: string;
   image_id: string;
-  kind: 'vm';
+  kind: VmKind;
   state: VmState;
   cpu: number;
   memory: number;
@@ -143,6 +153,10 @@ interface VmRow {
   updated_at: number;
   started_at: number | null;
   stopped_at: number | null;
+  snapshot_dir: string | null;
+  wake: number;
+  runs: number;
+  idle_stop_s: number | null;
 }
 
 function vmFromRow(r: VmRow): VmRecord {
@@ -166,6 +180,10 @@ function vmFromRow(r: VmRow): VmRecord {
     updatedAt: r.updated_at,
     startedAt: r.started_at,
     stoppedAt: r.stopped_at,
+    snapshotDir: r.snapshot_dir,
+    wake: r.wake === 1,
+    runs: r.runs,
+    idleStopS: r.idle_stop_s,
   };
 }
 
@@ -369,13 +387,16 @@ export class Store {
 
   // --- VMs ---
 
-  insertVm(vm: Pick<VmRecord, 'id' | 'accountId' | 'imageId' | 'kind' | 'cpu' | 'memory' | 'port' | 'envVars' | 'volumeGb'>, now = Date.now()): VmRecord {
+  insertVm(
+    vm: Pick<VmRecord, 'id' | 'accountId' | 'imageId' | 'kind' | 'cpu' | 'memory' | 'port' | 'envVars' | 'volumeGb'> & Partial<Pick<VmRecord, 'wake' | 'idleStopS'>>,
+    now = Date.now(),
+  ): VmRecord {
     this.db
       .prepare(
-        `INSERT INTO vms (id, account_id, image_id, kind, state, cpu, memory, port, env_json, volume_gb, created_at, updated_at)
-         VALUES (?, ?, ?, ?, 'created', ?, ?, ?, ?, ?, ?, ?)`,
+        `INSERT INTO vms (id, account_id, image_id, kind, state, cpu, memory, port, env_json, volume_gb, wake, idle_stop_s, created_at, updated_at)
+         VALUES (?, ?, ?, ?, 'created', ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
       )
-      .run(vm.id, vm.accountId, vm.imageId, vm.kind, vm.cpu, vm.memory, vm.port, JSON.stringify(vm.envVars), vm.volumeGb, now, now);
+      .run(vm.id, vm.accountId, vm.imageId, vm.kind, vm.cpu, vm.memory, vm.port, JSON.stringify(vm.envVars), vm.volumeGb, vm.wake === false ? 0 : 1, vm.idleStopS ?? null, now, now);
     return this.getVmById(vm.id)!;
   }
 
@@ -393,26 +414,26 @@ export class Store {
 
   listVms(
     accountId: string,
-    filter: { imageId?: string; state?: string },
+    filter: { imageId?: string; state?: string; kind: VmKind },
     limit: number,
     cursor: { createdAt: number; id: string } | null,
   ): Page<VmRecord> {
-    const where = ['account_id = @accountId'];
+    const where = ['account_id = @accountId', 'kind = @kind'];
     if (filter.imageId) where.push('image_id = @imageId');
     if (filter.state) where.push('state = @state');
     if (cursor) where.push('(created_at, id) > (@cAt, @cId)');
     const rows = this.db
       .prepare(`SELECT * FROM vms WHERE ${where.join(' AND ')} ORDER BY created_at, id LIMIT @lim`)
-      .all({ accountId, imageId: filter.imageId, state: filter.state, cAt: cursor?.createdAt, cId: cursor?.id, lim: limit + 1 }) as VmRow[];
+      .all({ accountId, kind: filter.kind, imageId: filter.imageId, state: filter.state, cAt: cursor?.createdAt, cId: cursor?.id, lim: limit + 1 }) as VmRow[];
     const items = rows.slice(0, limit).map(vmFromRow);
     const last = items[items.length - 1];
     return { items, next: rows.length > limit && last ? encodeCursor(last.createdAt, last.id) : null };
   }
 
-  vmsInStates(states: VmState[]): VmRecord[] {
+  vmsInStates(states: VmState[], kind?: VmKind): VmRecord[] {
     const rows = this.db
-      .prepare(`SELECT * FROM vms WHERE state IN (${states.map(() => '?').join(', ')}) ORDER BY created_at`)
-      .all(...states) as VmRow[];
+      .prepare(`SELECT * FROM vms WHERE state IN (${states.map(() => '?').join(', ')})${kind ? ' AND kind = ?' : ''} ORDER BY created_at`)
+      .all(...states, ...(kind ? [kind] : [])) as VmRow[];
     return rows.map(vmFromRow);
   }
 
@@ -425,7 +446,7 @@ export class Store {
 
   updateVm(
     id: string,
-    fields: Partial<Pick<VmRecord, 'state' | 'slot' | 'pid' | 'runDir' | 'exitCode' | 'error' | 'startedAt' | 'stoppedAt'>>,
+    fields: Partial<Pick<VmRecord, 'state' | 'slot' | 'pid' | 'runDir' | 'exitCode' | 'error' | 'startedAt' | 'stoppedAt' | 'snapshotDir' | 'runs'>>,
     now = Date.now(),
   ): void {
     this.updateRow('vms', id, fields, now);

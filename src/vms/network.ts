@@ -18,7 +18,10 @@ export interface Link {
   hostIp: string;
   guestIp: string;
   prefix: number;
+  /** the guest's MAC */
   mac: string;
+  /** the tap's MAC: fixed per slot, so a guest restored from a snapshot finds its gateway unchanged */
+  hostMac: string;
 }
 
 function ipToInt(ip: string): number {
@@ -48,8 +51,8 @@ export class HostNetwork {
 
   link(slot: number): Link {
     const net = this.base + slot * 4;
-    const mac = `52:54:00:${((slot >> 16) & 255).toString(16).padStart(2, '0')}:${((slot >> 8) & 255).toString(16).padStart(2, '0')}:${(slot & 255).toString(16).padStart(2, '0')}`;
-    return { slot, tap: `${TAP_PREFIX}${slot}`, hostIp: intToIp(net + 1), guestIp: intToIp(net + 2), prefix: 30, mac };
+    const tail = [(slot >> 16) & 255, (slot >> 8) & 255, slot & 255].map((b) => b.toString(16).padStart(2, '0')).join(':');
+    return { slot, tap: `${TAP_PREFIX}${slot}`, hostIp: intToIp(net + 1), guestIp: intToIp(net + 2), prefix: 30, mac: `52:54:00:${tail}`, hostMac: `52:54:01:${tail}` };
   }
 
   /** Installs the isolation rules (replacing ours from an earlier run) and enables forwarding. */
@@ -115,7 +118,7 @@ table inet ${TABLE} {
     await run('ip', ['link', 'del', link.tap], { timeoutMs: 10_000 }).catch(() => undefined);
     await run('ip', ['-batch', '-'], {
       timeoutMs: 10_000,
-      input: `tuntap add dev ${link.tap} mode tap\naddr add ${link.hostIp}/${link.prefix} dev ${link.tap}\nlink set ${link.tap} up\n`,
+      input: `tuntap add dev ${link.tap} mode tap\nlink set ${link.tap} address ${link.hostMac}\naddr add ${link.hostIp}/${link.prefix} dev ${link.tap}\nlink set ${link.tap} up\n`,
     });
   }
 

@@ -12,7 +12,9 @@ import { admit } from './capacity.js';
 import { encodeGuestRun, guestAssets, guestRun, missingAssets, type GuestAssets } from './guest.js';
 import { Machine, type Accel, type ExitInfo } from './machine.js';
 import { HostNetwork, type Link } from './network.js';
+import type { Route } from '../proxy/proxy.js';
 import { makeScratchDisk } from './scratch.js';
+import { CachedVmService } from './cached.js';
 
 export interface StartVmRequest {
   imageId: string;
@@ -22,6 +24,29 @@ export interface StartVmRequest {
   envVars?: Record<string, string>;
   volumeGB?: number;
   waitForPort?: boolean;
+}
+
+/** Polls until `host:port` accepts a TCP connection; false at the deadline or once `alive` says no. */
+export async function portOpens(host: string, port: number, timeoutMs: number, alive: () => boolean): Promise<boolean> {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline && alive()) {
+    const ok = await new Promise<boolean>((resolve) => {
+      const s = net.connect({ host, port });
+      s.setTimeout(1000);
+      s.once('connect', () => {
+        s.destroy();
+        resolve(true);
+      });
+      s.once('timeout', () => {
+        s.destroy();
+        resolve(false);
+      });
+      s.once('error', () => resolve(false));
+    });
+    if (ok) return true;
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  return false;
 }
 
 /** A refusal the API turns into an HTTP status with this message (and field, for 400). */
@@ -48,10 +73,11 @@ interface Live {
  */
 export class VmService {
   private readonly live = new Map<string, Live>();
-  private readonly network: HostNetwork;
-  private readonly assets: GuestAssets;
-  private accel: Accel = 'tcg';
-  private unavailable: string | null = null;
+  readonly network: HostNetwork;
+  readonly assets: GuestAssets;
+  accel: Accel = 'tcg';
+  unavailable: string | null = null;
+  readonly cached: CachedVmService;
   private readonly vmsDir: string;
   private readonly finishing = new Set<Promise<void>>();
 
@@ -65,6 +91,7 @@ export class VmService {
     this.network = new HostNetwork(config.vmSubnet);
     this.assets = guestAssets();
     this.vmsDir = path.join(config.dataDir, 'vms');
+    this.cached = new CachedVmService(this, store, logs, config, log);
   }
 
   /** Sets up host networking, adopts or cleans up VMs of an earlier run, and probes for KVM. */
@@ -94,7 +121,8 @@ export class VmService {
 
   private async reconcile(): Promise<void> {
     const keepTaps = new Set<string>();
-    for (const vm of this.store.vmsInStates(LIVE_VM_STATES)) {
+    await this.cached.reconcile();
+    for (const vm of this.store.vmsInStates(LIVE_VM_STATES, 'vm')) {
       const adopted =
         !this.unavailable && vm.state !== 'created' && vm.pid && vm.runDir && vm.slot !== null
           ? await Machine.adopt(vm.id, vm.runDir, vm.pid, this.outputHooks(vm.id))
@@ -120,6 +148,7 @@ export class VmService {
         this.log.warn({ vmId: vm.id, reason }, 'VM could not be adopted');
       }
     }
+    for (const tap of this.cached.liveTaps()) keepTaps.add(tap);
     if (!this.unavailable) await this.network.removeStaleTaps(keepTaps);
     this.killOrphanQemus();
     this.logs.flush();
@@ -136,7 +165,7 @@ export class VmService {
       }
       if (!cmdline.startsWith('qemu-system') || !cmdline.includes(`${this.vmsDir}/`)) continue;
       const m = new RegExp(`${this.vmsDir.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}/([a-z0-9]+)/`).exec(cmdline);
-      if (m && this.live.has(m[1]!)) continue;
+      if (m && (this.live.has(m[1]!) || this.cached.isLive(m[1]!))) continue;
       this.log.warn({ pid }, 'killing an orphan QEMU of this data directory');
       try {
         process.kill(Number(pid), 'SIGKILL');
@@ -151,17 +180,19 @@ export class VmService {
   }
 
   get(accountId: string, id: string): VmRecord | null {
-    return this.store.getVm(accountId, id);
+    const vm = this.store.getVm(accountId, id);
+    return vm?.kind === 'vm' ? vm : null;
   }
 
   list(accountId: string, filter: { imageId?: string; state?: string }, limit: number, cursor: { createdAt: number; id: string } | null): Page<VmRecord> {
-    return this.store.listVms(accountId, filter, limit, cursor);
+    return this.store.listVms(accountId, { ...filter, kind: 'vm' }, limit, cursor);
   }
 
   /** Where the endpoint proxy sends a VM's traffic, or why it cannot. */
-  route(vmId: string): { host: string; port: number } | { state: string } | null {
+  route(vmId: string): Route | Promise<Route> {
     const vm = this.store.getVmById(vmId);
     if (!vm) return null;
+    if (vm.kind === 'cached') return this.cached.route(vm);
     const live = this.live.get(vmId);
     if (!live || vm.state !== 'started') return { state: vm.state };
     return { host: live.link.guestIp, port: vm.port };
@@ -173,14 +204,7 @@ export class VmService {
     const cpu = req.cpu ?? 1;
     const memory = req.memory ?? 256;
     const port = req.port ?? 8080;
-    const used = this.usage();
-    const refusal = admit(
-      { memoryOvercommit: this.config.memoryOvercommit, cpuOvercommit: this.config.cpuOvercommit, maxVmsPerAccount: this.config.maxVmsPerAccount },
-      used,
-      this.store.countLiveVms(accountId),
-      { memoryMb: memory, cpus: cpu },
-    );
-    if (refusal) throw new VmError(refusal.status, refusal.message);
+    this.admit(accountId, memory, cpu);
 
     const vm = this.store.insertVm({ id: newId('vm'), accountId, imageId: image.id, kind: 'vm', cpu, memory, port, envVars: req.envVars ?? {}, volumeGb: req.volumeGB ?? null });
     const log = this.log.child({ vmId: vm.id });
@@ -235,8 +259,19 @@ export class VmService {
     return this.store.getVmById(vm.id)!;
   }
 
+  /** Refuses a VM the host cannot hold or the account may not run (429/503). */
+  admit(accountId: string, memoryMb: number, cpus: number): void {
+    const refusal = admit(
+      { memoryOvercommit: this.config.memoryOvercommit, cpuOvercommit: this.config.cpuOvercommit, maxVmsPerAccount: this.config.maxVmsPerAccount },
+      this.usage(),
+      this.store.countLiveVms(accountId),
+      { memoryMb, cpus },
+    );
+    if (refusal) throw new VmError(refusal.status, refusal.message);
+  }
+
   /** An image that can run now: waits (bounded) for one still importing, refuses a failed one. */
-  private async readyImage(accountId: string, imageId: string) {
+  async readyImage(accountId: string, imageId: string) {
     const deadline = Date.now() + this.config.imageWaitMs;
     for (;;) {
       const image = this.images.getImage(accountId, imageId);
@@ -251,32 +286,15 @@ export class VmService {
   }
 
   private async waitForPort(vmId: string, host: string, port: number): Promise<void> {
-    const deadline = Date.now() + this.config.portWaitMs;
-    while (Date.now() < deadline && this.store.getVmById(vmId)?.state === 'started') {
-      const ok = await new Promise<boolean>((resolve) => {
-        const s = net.connect({ host, port });
-        s.setTimeout(1000);
-        s.once('connect', () => {
-          s.destroy();
-          resolve(true);
-        });
-        s.once('timeout', () => {
-          s.destroy();
-          resolve(false);
-        });
-        s.once('error', () => resolve(false));
-      });
-      if (ok) return;
-      await new Promise((r) => setTimeout(r, 20));
-    }
-    if (this.store.getVmById(vmId)?.state === 'started') {
+    const ok = await portOpens(host, port, this.config.portWaitMs, () => this.store.getVmById(vmId)?.state === 'started');
+    if (!ok && this.store.getVmById(vmId)?.state === 'started') {
       this.logs.append(vmId, 'platform', `port ${port} did not accept connections within ${this.config.portWaitMs} ms`);
     }
   }
 
   async stop(accountId: string, id: string): Promise<VmRecord> {
     const vm = this.store.getVm(accountId, id);
-    if (!vm) throw new VmError(404, `VM ${id} does not exist`);
+    if (!vm || vm.kind !== 'vm') throw new VmError(404, `VM ${id} does not exist`);
     const entry = this.live.get(id);
     if (!entry) throw new VmError(409, `VM ${id} is not running (state ${vm.state})`);
     if (!entry.stopRequested) {
@@ -345,6 +363,7 @@ export class VmService {
     if (dir && dir.startsWith(this.vmsDir + path.sep)) fs.rmSync(dir, { recursive: true, force: true });
   }
 
+  /** Counts the memory and vCPUs of every VM that runs or may run at once (cached VMs while running). */
   private usage(): { memoryMb: number; cpus: number } {
     let memoryMb = 0;
     let cpus = 0;
@@ -357,6 +376,7 @@ export class VmService {
 
   /** Graceful shutdown: stop every VM (or, with CAKEWORK_ON_SHUTDOWN=keep, leave them for adoption). */
   async shutdown(): Promise<void> {
+    await this.cached.shutdown();
     if (this.config.onShutdown === 'keep') {
       for (const entry of this.live.values()) entry.machine.detach();
       this.live.clear();

@@ -6,7 +6,6 @@ import { ApiError, notFound } from '../errors.js';
 import { sendLogs } from '../logs.js';
 import { CacheVmBody, ErrorSchema, IdParams, ListVmsQuery, LogsQuery, LogsResponse, StartVmBody, VmList } from '../schemas.js';
 import { parseCursor, parseLimit } from './images.js';
-import { notImplemented } from './not-implemented.js';
 
 const errors = { 400: ErrorSchema, 401: ErrorSchema, 404: ErrorSchema, 409: ErrorSchema, 429: ErrorSchema, 501: ErrorSchema, 503: ErrorSchema };
 
@@ -43,8 +42,15 @@ export const vmRoutes =
       throw err;
     };
     const vm = { tags: ['vms'] };
-    const cached = notImplemented('Cached VMs');
-    const cvm = { tags: ['cached vms'], response: errors };
+    const cvm = { tags: ['cached vms'] };
+    const cachedView = (c: VmRecord) => ({
+      ...view(c),
+      runs: c.runs,
+      wakeOnRequest: c.wake,
+      idleStopSeconds: c.idleStopS,
+      disk: deps.vms.cached.diskUsage(c),
+    });
+    const cachedResponse = { 200: { $ref: 'CachedVm#' }, ...errors };
 
     app.post(
       '/v1/vm/start',
@@ -98,10 +104,52 @@ export const vmRoutes =
       },
     );
 
-    app.post('/v1/vm/cache', { schema: { ...cvm, summary: 'cacheVM', body: CacheVmBody } }, cached);
-    app.post('/v1/vm/cached/:id/start', { schema: { ...cvm, summary: 'startCachedVM', params: IdParams } }, cached);
-    app.post('/v1/vm/cached/:id/stop', { schema: { ...cvm, summary: 'stopCachedVM', params: IdParams } }, cached);
-    app.post('/v1/vm/cached/:id/destroy', { schema: { ...cvm, summary: 'destroyCachedVM (documented path)', params: IdParams } }, cached);
-    app.post('/v1/vm/:id/destroy', { schema: { ...cvm, summary: 'destroyCachedVM (path the published SDK calls)', params: IdParams } }, cached);
-    app.get('/v1/vm/cached/:id/logs', { schema: { ...cvm, summary: 'getCachedVMLogs', params: IdParams, querystring: LogsQuery } }, cached);
+    app.post(
+      '/v1/vm/cache',
+      {
+        schema: {
+          ...cvm,
+          summary: 'cacheVM: boot, wait until the app listens on port, snapshot, stop; answers once the snapshot exists (state stopped) or failed',
+          body: CacheVmBody,
+          response: cachedResponse,
+        },
+      },
+      async (req) => cachedView(await deps.vms.cached.cache(req.accountId, req.body).catch(translate)),
+    );
+    app.get(
+      '/v1/vm/cached/:id',
+      { schema: { ...cvm, summary: 'getCachedVm (extension): state, runs and snapshot disk use', params: IdParams, response: cachedResponse } },
+      async (req) => {
+        const found = deps.vms.cached.get(req.accountId, req.params.id);
+        if (!found) throw notFound('cached VM', req.params.id);
+        return cachedView(found);
+      },
+    );
+    app.post(
+      '/v1/vm/cached/:id/start',
+      { schema: { ...cvm, summary: 'startCachedVM: restore the snapshot (idempotent when started)', params: IdParams, response: cachedResponse } },
+      async (req) => cachedView(await deps.vms.cached.start(req.accountId, req.params.id).catch(translate)),
+    );
+    app.post(
+      '/v1/vm/cached/:id/stop',
+      { schema: { ...cvm, summary: 'stopCachedVM: stop it and keep the snapshot (idempotent when stopped)', params: IdParams, response: cachedResponse } },
+      async (req) => cachedView(await deps.vms.cached.stop(req.accountId, req.params.id).catch(translate)),
+    );
+    for (const [url, summary] of [
+      ['/v1/vm/cached/:id/destroy', 'destroyCachedVM (documented path): delete the snapshot; the record stays as destroyed'],
+      ['/v1/vm/:id/destroy', 'destroyCachedVM (the path the published SDK calls)'],
+    ] as const) {
+      app.post(url, { schema: { ...cvm, summary, params: IdParams, response: cachedResponse } }, async (req) =>
+        cachedView(await deps.vms.cached.destroy(req.accountId, req.params.id).catch(translate)),
+      );
+    }
+    app.get(
+      '/v1/vm/cached/:id/logs',
+      { schema: { ...cvm, summary: 'getCachedVMLogs: lines of every run; platform lines mark each run', params: IdParams, querystring: LogsQuery, response: { 200: LogsResponse, ...errors } } },
+      async (req, reply) => {
+        const found = deps.vms.cached.get(req.accountId, req.params.id);
+        if (!found) throw notFound('cached VM', req.params.id);
+        return sendLogs(req, reply, deps.logs, found.id, req.query, () => deps.vms.cached.isLive(found.id));
+      },
+    );
   };
