@@ -21,7 +21,7 @@ function get(host: string, port: number, path: string, hostHeader?: string): Pro
   });
 }
 
-async function until200(host: string, port: number, path: string, hostHeader?: string): Promise<void> {
+export async function until200(host: string, port: number, path: string, hostHeader?: string): Promise<void> {
   const deadline = Date.now() + 60_000;
   while ((await get(host, port, path, hostHeader)) !== 200) {
     if (Date.now() > deadline) throw new Error('no HTTP 200 within 60 s');

@@ -4,7 +4,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { request, waitFor200 } from './helpers/http.js';
-import { busyboxConfig, busyboxLayer, pushImage, startRegistry, type Layer, type TestRegistry } from './helpers/registry.js';
+import { busyboxConfig, busyboxLayer, compressLayer, makeTar, pushImage, startRegistry, type Layer, type TestRegistry } from './helpers/registry.js';
 import { apiCall, startServerProcess, startTestServer, type TestServer } from './helpers/server.js';
 import { importImage, type Caller } from './helpers/vm.js';
 
@@ -72,10 +72,17 @@ describe('cached VMs', { skip }, () => {
   });
 
   test('the guest clock is right after restoring a snapshot taken earlier; files written in a run are gone', async () => {
-    const clock = await importImage(srv, reg, 'cache/clock', 'v1', {
-      layers: [layer],
-      config: cmd('mkdir -p /www/cgi-bin; printf "#!/bin/sh\\necho Content-Type: text/plain\\necho\\ndate +%%s\\n" > /www/cgi-bin/now; printf "#!/bin/sh\\necho Content-Type: text/plain\\necho\\ntouch /www/written; ls /www\\n" > /www/cgi-bin/write; chmod +x /www/cgi-bin/*; httpd -f -p 8080 -h /www'),
-    });
+    const cgi = (body: string) => `#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n'\n${body}\n`;
+    const scripts = compressLayer(
+      await makeTar([
+        { name: 'www/cgi-bin/', type: 'directory' },
+        { name: 'www/cgi-bin/now', content: cgi('date +%s'), mode: 0o755 },
+        { name: 'www/cgi-bin/write', content: cgi('touch /www/written; ls /www'), mode: 0o755 },
+      ]),
+      'gzip',
+      'oci',
+    );
+    const clock = await importImage(srv, reg, 'cache/clock', 'v1', { layers: [layer, scripts], config: cmd('httpd -f -p 8080 -h /www') });
     const c = await srv.call('POST', '/v1/vm/cache', { imageId: clock });
     assert.equal(c.body.state, 'stopped', JSON.stringify(c.body));
     await new Promise((r) => setTimeout(r, 4000)); // the snapshot ages
