@@ -19,15 +19,23 @@ export async function benchCached(runs: number): Promise<void> {
     if (cached.state !== 'stopped') throw new Error(`cacheVM: ${JSON.stringify(cached)}`);
 
     const warm: number[] = [];
+    const backToBack: number[] = [];
     const cold: number[] = [];
-    for (let i = 0; i < runs; i++) {
+    const timeStart = async (into: number[]) => {
       const t0 = performance.now();
       const s = await srv.call('POST', `/v1/vm/cached/${cached.id}/start`);
       if (s.body.state !== 'started') throw new Error(`startCachedVM: ${JSON.stringify(s.body)}`);
       await until200('127.0.0.1', apiPort, '/index.html', cached.hostname);
-      warm.push(performance.now() - t0);
+      into.push(performance.now() - t0);
       await srv.call('POST', `/v1/vm/cached/${cached.id}/stop`);
-      if (i % 2 === 0) {
+    };
+    for (let i = 0; i < runs; i++) {
+      // a start some time after the last stop: the next restore was prepared in between
+      await new Promise((r) => setTimeout(r, 500));
+      await timeStart(warm);
+      // a start right after a stop: its preparation is still running
+      if (i % 2 === 0) await timeStart(backToBack);
+      else {
         const t1 = performance.now();
         const r = await srv.call('POST', '/v1/vm/start', { imageId: image.imageId, cpu: 1, memory: 256, port: 8080 });
         await until200('127.0.0.1', apiPort, '/index.html', r.body.hostname);
@@ -37,10 +45,12 @@ export async function benchCached(runs: number): Promise<void> {
     }
     const w = median(warm);
     const c = median(cold);
-    console.log(`cached VM start (busybox httpd, 1 vCPU, 256 MB, TCG): ${runs} restores, ${cold.length} cold starts interleaved`);
-    console.log(`  startCachedVM -> first HTTP 200: median ${fmtMs(w)}  [${warm.map((x) => x.toFixed(0)).join(', ')}]`);
-    console.log(`  startVM (cold) -> first HTTP 200: median ${fmtMs(c)}  [${cold.map((x) => x.toFixed(0)).join(', ')}]`);
-    console.log(`  cached is ${(c / w).toFixed(1)}x faster (target >= 6x, and <= 150 ms)`);
+    const list = (xs: number[]) => xs.map((x) => x.toFixed(0)).join(', ');
+    console.log(`cached VM start (busybox httpd, 1 vCPU, 256 MB, TCG): ${runs} prepared restores, ${backToBack.length} back-to-back, ${cold.length} cold starts, interleaved`);
+    console.log(`  startCachedVM -> first HTTP 200, restore prepared ahead: median ${fmtMs(w)}  [${list(warm)}]`);
+    console.log(`  startCachedVM -> first HTTP 200, right after a stop:     median ${fmtMs(median(backToBack))}  [${list(backToBack)}]`);
+    console.log(`  startVM (cold boot) -> first HTTP 200:                    median ${fmtMs(c)}  [${list(cold)}]`);
+    console.log(`  cached (prepared) is ${(c / w).toFixed(1)}x faster than cold (target >= 6x; <= 150 ms, stretch <= 50 ms)`);
   } finally {
     await srv.close();
     await reg.stop();

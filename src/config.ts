@@ -24,6 +24,7 @@ export interface Config {
   imageWaitMs: number;
   portWaitMs: number;
   cacheTimeoutMs: number;
+  prepareRestores: boolean;
   memoryOvercommit: number;
   cpuOvercommit: number;
   maxVmsPerAccount: number;
@@ -91,6 +92,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     imageWaitMs: intVar(env, 'CAKEWORK_IMAGE_WAIT_MS', 60_000, 0, 3_600_000),
     portWaitMs: intVar(env, 'CAKEWORK_PORT_WAIT_MS', 30_000, 0, 600_000),
     cacheTimeoutMs: intVar(env, 'CAKEWORK_CACHE_TIMEOUT_MS', 60_000, 100, 3_600_000),
+    prepareRestores: (env.CAKEWORK_PREPARE_RESTORES ?? 'on') !== 'off',
     memoryOvercommit: numVar(env, 'CAKEWORK_MEMORY_OVERCOMMIT', 1.5, 0.1, 100),
     cpuOvercommit: numVar(env, 'CAKEWORK_CPU_OVERCOMMIT', 4, 0.1, 1000),
     maxVmsPerAccount: intVar(env, 'CAKEWORK_MAX_VMS_PER_ACCOUNT', 20, 1, 100_000),

@@ -71,12 +71,6 @@ test('bad input is a 400 that names the field and the rule', async () => {
 
 test('routes whose capability is not built yet answer 501, never a fake success', async () => {
   const routes: Array<[string, string, unknown?]> = [
-    ['POST', '/v1/vm/cache', { imageId: 'img_x' }],
-    ['POST', '/v1/vm/cached/c_1/start'],
-    ['POST', '/v1/vm/cached/c_1/stop'],
-    ['POST', '/v1/vm/cached/c_1/destroy'],
-    ['POST', '/v1/vm/c_1/destroy'],
-    ['GET', '/v1/vm/cached/c_1/logs'],
     ['POST', '/v1/image/build/github', { dockerfile: 'FROM x', token: 't', repository: 'o/r', branch: 'main' }],
     ['POST', '/v1/image/build/files', { dockerfile: 'FROM x', files: [] }],
     ['GET', '/v1/image/build/b_1'],
@@ -87,7 +81,16 @@ test('routes whose capability is not built yet answer 501, never a fake success'
     assert.equal(r.status, 501, `${method} ${url}`);
     assert.equal(r.body.error.code, 'not_implemented');
   }
-  for (const [method, url] of [['GET', '/v1/vm/vmnope'], ['POST', '/v1/vm/vmnope/stop'], ['GET', '/v1/vm/vmnope/logs']] as const) {
+  for (const [method, url] of [
+    ['GET', '/v1/vm/vmnope'],
+    ['POST', '/v1/vm/vmnope/stop'],
+    ['GET', '/v1/vm/vmnope/logs'],
+    ['POST', '/v1/vm/cached/vmnope/start'],
+    ['POST', '/v1/vm/cached/vmnope/stop'],
+    ['POST', '/v1/vm/cached/vmnope/destroy'],
+    ['POST', '/v1/vm/vmnope/destroy'],
+    ['GET', '/v1/vm/cached/vmnope/logs'],
+  ] as const) {
     const r = await srv.call(method, url);
     assert.equal(r.status, 404, `${method} ${url}`);
     assert.equal(r.body.error.code, 'not_found');

@@ -59,10 +59,27 @@ test('startVm, getVm, listVMs, getVmLogs and stopVm through the SDK run a real m
   await assert.rejects(client.getVm('vmnope'), CakeworkApi.DoesNotExistError);
 });
 
+test('cacheVm, startCachedVm, stopCachedVm, getCachedVmLogs and destroyCachedVm through the SDK', { skip: vmSkip }, async () => {
+  // The SDK sends Content-Type: application/json with an empty body on the start/stop/destroy POSTs.
+  const client = new CakeworkApiClient({ environment: srv.url, xApiKey: srv.key });
+  const image = await client.importImage({ imageUri: `${reg.host}/sdkuser/busybox:v1`, password: 'sdk-pass' });
+  await srv.waitForImage(image.imageId);
+  const cached = await client.cacheVm({ imageId: image.imageId, cpu: 1, memory: 256, port: 8080 });
+  assert.match(cached.id, /^vm/);
+  assert.equal(cached.hostname, `${cached.id}.localhost`);
+  await client.startCachedVm(cached.id);
+  assert.equal((await srv.call('GET', `/v1/vm/cached/${cached.id}`)).body.state, 'started');
+  await client.stopCachedVm(cached.id);
+  const logs = await client.getCachedVmLogs(cached.id);
+  assert.ok(logs.lines.some((l) => /^run 1: started/.test(l.message)));
+  await client.destroyCachedVm(cached.id);
+  assert.equal((await srv.call('GET', `/v1/vm/cached/${cached.id}`)).body.state, 'destroyed');
+});
+
 test('calls the server cannot serve yet reach it and surface as 501, not as a parse or 400 error', async () => {
   // The SDK sends Content-Type: application/json with an empty body on these POSTs.
   const client = new CakeworkApiClient({ environment: srv.url, xApiKey: srv.key });
-  for (const call of [() => client.startCachedVm('c_x'), () => client.stopCachedVm('c_x'), () => client.destroyCachedVm('c_x'), () => client.getBuild('b_x')]) {
+  for (const call of [() => client.getBuild('b_x'), () => client.getBuildLogs('b_x'), () => client.buildImageFromFiles({ dockerfile: 'FROM scratch', files: [] })]) {
     await assert.rejects(call(), (err: unknown) => {
       assert.ok(err instanceof CakeworkApiError);
       assert.equal((err as InstanceType<typeof CakeworkApiError>).statusCode, 501);

@@ -32,6 +32,13 @@ interface Running {
   lastRequest: number;
 }
 
+/** A paused QEMU already waiting for the snapshot (-incoming defer), with its disk copy and tap. */
+interface Prepared {
+  machine: Machine;
+  link: Link;
+  runDir: string;
+}
+
 const SNAPSHOT = { ram: 'ram', state: 'state', disk: 'scratch.ext4' } as const;
 
 /**
@@ -44,6 +51,7 @@ const SNAPSHOT = { ram: 'ram', state: 'state', disk: 'scratch.ext4' } as const;
 export class CachedVmService {
   private readonly running = new Map<string, Running>();
   private readonly starting = new Map<string, Promise<VmRecord>>();
+  private readonly prepared = new Map<string, Promise<Prepared | null>>();
   private readonly snapshotsDir: string;
   private readonly vmsDir: string;
   private idleTimer: NodeJS.Timeout | null = null;
@@ -65,6 +73,78 @@ export class CachedVmService {
 
   liveTaps(): string[] {
     return [...this.running.values()].map((r) => r.link.tap);
+  }
+
+  /** Prepared restores are live QEMUs too (the start-up orphan sweep must spare them). */
+  hasPrepared(id: string): boolean {
+    return this.prepared.has(id);
+  }
+
+  /**
+   * Gets the next run of a stopped cached VM ready ahead of time (CAKEWORK_PREPARE_RESTORES): its disk
+   * copy, its tap and a QEMU paused in `-incoming defer` with its sockets connected. A start then
+   * only loads the device state and continues: ~60 ms less than spawning at start time, for ~20 MB
+   * of host memory per stopped cached VM.
+   */
+  private prepare(vm: VmRecord): void {
+    if (!this.config.prepareRestores || this.prepared.has(vm.id) || this.vms.unavailable) return;
+    const p = this.launchForRestore(vm).then(
+      (prep) => {
+        void prep.machine.exited.then(() => {
+          if (this.prepared.get(vm.id) === p) this.prepared.delete(vm.id);
+        });
+        return prep;
+      },
+      (err: Error) => {
+        this.log.warn({ vmId: vm.id, err: err.message }, 'could not prepare a restore');
+        this.prepared.delete(vm.id);
+        return null;
+      },
+    );
+    this.prepared.set(vm.id, p);
+  }
+
+  /** Prepares the next run of every stopped cached VM; called once start-up clean-up is over. */
+  prepareStopped(): void {
+    for (const vm of this.store.vmsInStates(['stopped'], 'cached')) this.prepare(vm);
+  }
+
+  /** Takes the prepared restore of a VM, if there is a usable one. */
+  private async takePrepared(id: string): Promise<Prepared | null> {
+    const p = this.prepared.get(id);
+    if (!p) return null;
+    this.prepared.delete(id);
+    const prep = await p;
+    return prep && !prep.machine.hasExited ? prep : null;
+  }
+
+  private async dropPrepared(id: string): Promise<void> {
+    const prep = await this.takePrepared(id);
+    if (!prep) return;
+    prep.machine.kill();
+    await prep.machine.exited;
+    await this.vms.network.removeTap(prep.link);
+    this.removeRunDir(prep.runDir);
+  }
+
+  private async launchForRestore(vm: VmRecord): Promise<Prepared> {
+    const image = this.store.getImageById(vm.imageId);
+    if (!image?.rootfsPath || !fs.existsSync(image.rootfsPath)) throw new VmError(409, `the image disk of cached VM ${vm.id} is gone`);
+    const link = this.vms.network.link(vm.slot!);
+    const runDir = path.join(this.vmsDir, vm.id);
+    try {
+      fs.mkdirSync(runDir, { recursive: true, mode: 0o700 });
+      // This run's own copy of the snapshot's disk (sparse, or a reflink where the filesystem can).
+      const disk = path.join(runDir, SNAPSHOT.disk);
+      await copySparse(path.join(vm.snapshotDir!, SNAPSHOT.disk), disk);
+      await this.vms.network.createTap(link);
+      const machine = await Machine.launch(this.spec(vm, image.rootfsPath, disk, link, runDir, false), null, this.hooks(vm.id));
+      return { machine, link, runDir };
+    } catch (err) {
+      await this.vms.network.removeTap(link);
+      this.removeRunDir(runDir);
+      throw err;
+    }
   }
 
   /** Claims the slots of every cached VM, adopts running ones, and settles the rest. */
@@ -141,6 +221,7 @@ export class CachedVmService {
     this.logs.append(vm.id, 'platform', `caching: booting ${cpu} vCPU, ${memory} MB, image ${image.id}, ${this.vms.accel.toUpperCase()}`);
     const started = Date.now();
     let machine: Machine | null = null;
+    let cached = false;
     try {
       fs.mkdirSync(snapDir, { recursive: true, mode: 0o700 });
       fs.mkdirSync(runDir, { recursive: true, mode: 0o700 });
@@ -165,6 +246,7 @@ export class CachedVmService {
       await machine.snapshot(path.join(snapDir, SNAPSHOT.state));
       this.logs.append(vm.id, 'platform', `cached: snapshot taken ${Date.now() - started} ms after boot began; the VM is stopped`);
       this.store.updateVm(vm.id, { state: 'stopped', pid: null, stoppedAt: Date.now() });
+      cached = true;
     } catch (err) {
       machine?.kill();
       await machine?.exited;
@@ -177,7 +259,9 @@ export class CachedVmService {
       this.removeRunDir(runDir);
       this.logs.flush();
     }
-    return this.store.getVmById(vm.id)!;
+    const result = this.store.getVmById(vm.id)!;
+    if (cached) this.prepare(result);
+    return result;
   }
 
   private failCaching(id: string, reason: string): void {
@@ -224,38 +308,30 @@ export class CachedVmService {
   }
 
   private async restore(vm: VmRecord): Promise<VmRecord> {
-    const image = this.store.getImageById(vm.imageId);
-    if (!image?.rootfsPath || !fs.existsSync(image.rootfsPath)) throw new VmError(409, `the image disk of cached VM ${vm.id} is gone`);
     this.vms.admit(vm.accountId, vm.memory, vm.cpu);
     const run = vm.runs + 1;
-    const link = this.vms.network.link(vm.slot!);
-    const runDir = path.join(this.vmsDir, vm.id);
     const t0 = Date.now();
-    this.store.updateVm(vm.id, { state: 'starting', runs: run, runDir, exitCode: null, error: null });
-    this.logs.append(vm.id, 'platform', `run ${run}: starting from the snapshot`);
-    let machine: Machine;
+    this.store.updateVm(vm.id, { state: 'starting', runs: run, runDir: path.join(this.vmsDir, vm.id), exitCode: null, error: null });
+    let prep: Prepared | null = null;
     try {
-      fs.mkdirSync(runDir, { recursive: true, mode: 0o700 });
-      // This run's own copy of the snapshot's disk (sparse, or a reflink where the filesystem can).
-      const disk = path.join(runDir, SNAPSHOT.disk);
-      await copySparse(path.join(vm.snapshotDir!, SNAPSHOT.disk), disk);
-      await this.vms.network.createTap(link);
-      machine = await Machine.launch(this.spec(vm, image.rootfsPath, disk, link, runDir, false), null, this.hooks(vm.id));
-      await machine.restore(path.join(vm.snapshotDir!, SNAPSHOT.state)).catch((err: Error) => {
-        machine.kill();
-        throw err;
-      });
+      prep = (await this.takePrepared(vm.id)) ?? (await this.launchForRestore(vm));
+      this.logs.append(vm.id, 'platform', `run ${run}: starting from the snapshot`);
+      await prep.machine.restore(path.join(vm.snapshotDir!, SNAPSHOT.state));
     } catch (err) {
-      await this.vms.network.removeTap(link);
-      this.removeRunDir(runDir);
+      if (prep) {
+        prep.machine.kill();
+        await prep.machine.exited;
+        await this.vms.network.removeTap(prep.link);
+        this.removeRunDir(prep.runDir);
+      }
       const reason = `run ${run}: could not restore the snapshot: ${(err as Error).message}`;
       this.logs.append(vm.id, 'platform', reason);
       this.store.updateVm(vm.id, { state: 'stopped', error: reason, pid: null });
-      throw new VmError(503, reason);
+      throw err instanceof VmError ? err : new VmError(503, reason);
     }
-    const entry: Running = { machine, link, stopRequested: false, lastRequest: Date.now() };
+    const entry: Running = { machine: prep.machine, link: prep.link, stopRequested: false, lastRequest: Date.now() };
     this.running.set(vm.id, entry);
-    this.store.updateVm(vm.id, { state: 'started', pid: machine.pid, startedAt: Date.now() });
+    this.store.updateVm(vm.id, { state: 'started', pid: prep.machine.pid, startedAt: Date.now() });
     this.logs.append(vm.id, 'platform', `run ${run}: started (restored in ${Date.now() - t0} ms)`);
     this.trackRun(vm.id, entry);
     return this.store.getVmById(vm.id)!;
@@ -278,6 +354,8 @@ export class CachedVmService {
       this.removeRunDir(entry.machine.runDir);
       this.running.delete(id);
       this.logs.end(id);
+      const after = this.store.getVmById(id);
+      if (after?.state === 'stopped') this.prepare(after);
     });
   }
 
@@ -310,6 +388,7 @@ export class CachedVmService {
     await this.starting.get(id)?.catch(() => undefined);
     const entry = this.running.get(id);
     if (entry) await this.stopEntry(id, entry, 'stopping: the cached VM is being destroyed');
+    await this.dropPrepared(id);
     if (vm.snapshotDir) fs.rmSync(vm.snapshotDir, { recursive: true, force: true });
     if (vm.slot !== null) this.vms.network.release(vm.slot);
     this.store.updateVm(id, { state: 'destroyed', pid: null });
@@ -360,6 +439,7 @@ export class CachedVmService {
 
   async shutdown(): Promise<void> {
     if (this.idleTimer) clearInterval(this.idleTimer);
+    await Promise.allSettled([...this.prepared.keys()].map((id) => this.dropPrepared(id)));
     if (this.config.onShutdown === 'keep') {
       for (const e of this.running.values()) e.machine.detach();
       this.running.clear();

@@ -152,6 +152,7 @@ export class VmService {
     if (!this.unavailable) await this.network.removeStaleTaps(keepTaps);
     this.killOrphanQemus();
     this.logs.flush();
+    this.cached.prepareStopped();
   }
 
   /** QEMUs running on our data directory that no live record owns are killed. */
@@ -165,7 +166,7 @@ export class VmService {
       }
       if (!cmdline.startsWith('qemu-system') || !cmdline.includes(`${this.vmsDir}/`)) continue;
       const m = new RegExp(`${this.vmsDir.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}/([a-z0-9]+)/`).exec(cmdline);
-      if (m && (this.live.has(m[1]!) || this.cached.isLive(m[1]!))) continue;
+      if (m && (this.live.has(m[1]!) || this.cached.isLive(m[1]!) || this.cached.hasPrepared(m[1]!))) continue;
       this.log.warn({ pid }, 'killing an orphan QEMU of this data directory');
       try {
         process.kill(Number(pid), 'SIGKILL');
