@@ -105,55 +105,41 @@ static void must_mount(const char *src, const char *dst, const char *type, unsig
   }
 }
 
-/* Finds /dev/vdX whose virtio-blk serial (set by the host) is `serial`. */
-static int find_disk(const char *serial, char *out, size_t outlen) {
-  /* names under /sys/block are short (vda, vdb, ...) */
-  DIR *d = opendir("/sys/block");
+/*
+ * Finds the device under `dir` (a sysfs class directory) whose attribute file `attr` holds `value`,
+ * and writes its /dev path to `out`: disks by the virtio-blk serial the host set, virtio-serial ports
+ * by their name.
+ */
+static int find_device(const char *dir, const char *attr, const char *value, char *out, size_t outlen) {
+  DIR *d = opendir(dir);
   if (!d) return -1;
   struct dirent *e;
-  while ((e = readdir(d))) {
-    if (strncmp(e->d_name, "vd", 2) != 0) continue;
-    char p[300], buf[64] = {0};
-    snprintf(p, sizeof p, "/sys/block/%s/serial", e->d_name);
+  int found = -1;
+  while (found != 0 && (e = readdir(d))) {
+    if (e->d_name[0] == '.') continue;
+    char p[600], buf[64] = {0};
+    snprintf(p, sizeof p, "%s/%s/%s", dir, e->d_name, attr);
     int fd = open(p, O_RDONLY);
     if (fd < 0) continue;
     ssize_t n = read(fd, buf, sizeof buf - 1);
     close(fd);
     if (n <= 0) continue;
     buf[strcspn(buf, "\n")] = 0;
-    if (strcmp(buf, serial) == 0) {
-      snprintf(out, outlen, "/dev/%s", e->d_name);
-      closedir(d);
-      return 0;
+    if (strcmp(buf, value) == 0) {
+      snprintf(out, outlen, "/dev/%.200s", e->d_name);
+      found = 0;
     }
   }
   closedir(d);
-  return -1;
+  return found;
 }
 
-/* Finds /dev/vportNpM whose virtio-serial port name is `name`. */
+static int find_disk(const char *serial, char *out, size_t outlen) {
+  return find_device("/sys/block", "serial", serial, out, outlen);
+}
+
 static int find_port(const char *name, char *out, size_t outlen) {
-  DIR *d = opendir("/sys/class/virtio-ports");
-  if (!d) return -1;
-  struct dirent *e;
-  while ((e = readdir(d))) {
-    if (e->d_name[0] == '.') continue;
-    char p[300], buf[64] = {0};
-    snprintf(p, sizeof p, "/sys/class/virtio-ports/%s/name", e->d_name);
-    int fd = open(p, O_RDONLY);
-    if (fd < 0) continue;
-    ssize_t n = read(fd, buf, sizeof buf - 1);
-    close(fd);
-    if (n <= 0) continue;
-    buf[strcspn(buf, "\n")] = 0;
-    if (strcmp(buf, name) == 0) {
-      snprintf(out, outlen, "/dev/%s", e->d_name);
-      closedir(d);
-      return 0;
-    }
-  }
-  closedir(d);
-  return -1;
+  return find_device("/sys/class/virtio-ports", "name", name, out, outlen);
 }
 
 static int open_port(const char *name, int flags) {

@@ -2,7 +2,7 @@ import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { LogService } from '../logs/service.js';
 import type { LogLine, LogQuery } from '../store/store.js';
 import { ApiError } from './errors.js';
-import { parseLimit } from './routes/images.js';
+import { parseLimit } from './params.js';
 
 export interface LogsQueryString {
   query?: string;

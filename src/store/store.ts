@@ -341,21 +341,25 @@ export class Store {
   }
 
   listImages(accountId: string, limit: number, cursor: { createdAt: number; id: string } | null): Page<ImageRecord> {
-    const rows = (
-      cursor
-        ? this.db
-            .prepare(
-              `SELECT * FROM images WHERE account_id = ? AND (created_at, id) > (?, ?)
-               ORDER BY created_at, id LIMIT ?`,
-            )
-            .all(accountId, cursor.createdAt, cursor.id, limit + 1)
-        : this.db
-            .prepare('SELECT * FROM images WHERE account_id = ? ORDER BY created_at, id LIMIT ?')
-            .all(accountId, limit + 1)
-    ) as ImageRow[];
-    const items = rows.slice(0, limit).map(imageFromRow);
-    const last = items[items.length - 1];
-    return { items, next: rows.length > limit && last ? encodeCursor(last.createdAt, last.id) : null };
+    return this.page<ImageRow, ImageRecord>('images', ['account_id = @accountId'], { accountId }, limit, cursor, imageFromRow);
+  }
+
+  /** One page of a table in (created_at, id) order after `cursor`, with the cursor of the next page. */
+  private page<Row extends { created_at: number; id: string }, T>(
+    table: 'images' | 'vms',
+    where: string[],
+    params: Record<string, unknown>,
+    limit: number,
+    cursor: { createdAt: number; id: string } | null,
+    map: (r: Row) => T,
+  ): Page<T> {
+    const clauses = cursor ? [...where, '(created_at, id) > (@cAt, @cId)'] : where;
+    const rows = this.db
+      .prepare(`SELECT * FROM ${table} WHERE ${clauses.join(' AND ')} ORDER BY created_at, id LIMIT @lim`)
+      .all({ ...params, ...(cursor ? { cAt: cursor.createdAt, cId: cursor.id } : {}), lim: limit + 1 }) as Row[];
+    const kept = rows.slice(0, limit);
+    const last = kept[kept.length - 1];
+    return { items: kept.map(map), next: rows.length > limit && last ? encodeCursor(last.created_at, last.id) : null };
   }
 
   updateImage(
@@ -421,13 +425,7 @@ export class Store {
     const where = ['account_id = @accountId', 'kind = @kind'];
     if (filter.imageId) where.push('image_id = @imageId');
     if (filter.state) where.push('state = @state');
-    if (cursor) where.push('(created_at, id) > (@cAt, @cId)');
-    const rows = this.db
-      .prepare(`SELECT * FROM vms WHERE ${where.join(' AND ')} ORDER BY created_at, id LIMIT @lim`)
-      .all({ accountId, kind: filter.kind, imageId: filter.imageId, state: filter.state, cAt: cursor?.createdAt, cId: cursor?.id, lim: limit + 1 }) as VmRow[];
-    const items = rows.slice(0, limit).map(vmFromRow);
-    const last = items[items.length - 1];
-    return { items, next: rows.length > limit && last ? encodeCursor(last.createdAt, last.id) : null };
+    return this.page<VmRow, VmRecord>('vms', where, { accountId, kind: filter.kind, imageId: filter.imageId, state: filter.state }, limit, cursor, vmFromRow);
   }
 
   vmsInStates(states: VmState[], kind?: VmKind): VmRecord[] {

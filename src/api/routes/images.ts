@@ -1,7 +1,8 @@
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
 import type { ImageService } from '../../images/service.js';
 import { InvalidRequestError } from '../../images/service.js';
-import { decodeCursor, type ImageRecord } from '../../store/store.js';
+import type { ImageRecord } from '../../store/store.js';
+import { parseCursor, parseLimit } from '../params.js';
 import { ApiError, notFound } from '../errors.js';
 import { ImageIdParams, ImageList, ImportImageBody, ImportImageResponse, PageQuery, ErrorSchema } from '../schemas.js';
 
@@ -19,20 +20,6 @@ export function imageView(img: ImageRecord) {
     createdAt: new Date(img.createdAt).toISOString(),
     updatedAt: new Date(img.updatedAt).toISOString(),
   };
-}
-
-export function parseLimit(raw: string | undefined, field: string, fallback: number, min: number, max: number): number {
-  if (raw === undefined) return fallback;
-  const n = Number(raw);
-  if (n < min || n > max) throw new ApiError(400, 'invalid_request', `${field} must be between ${min} and ${max}`, field);
-  return n;
-}
-
-export function parseCursor(token: string | undefined): { createdAt: number; id: string } | null {
-  if (token === undefined) return null;
-  const c = decodeCursor(token);
-  if (!c) throw new ApiError(400, 'invalid_request', 'pagination is not a token this server issued', 'pagination');
-  return c;
 }
 
 export const imageRoutes =

@@ -5,7 +5,7 @@ import { VmError, type VmService } from '../../vms/service.js';
 import { ApiError, notFound } from '../errors.js';
 import { sendLogs } from '../logs.js';
 import { CacheVmBody, ErrorSchema, IdParams, ListVmsQuery, LogsQuery, LogsResponse, StartVmBody, VmList } from '../schemas.js';
-import { parseCursor, parseLimit } from './images.js';
+import { parseCursor, parseLimit } from '../params.js';
 
 const errors = { 400: ErrorSchema, 401: ErrorSchema, 404: ErrorSchema, 409: ErrorSchema, 429: ErrorSchema, 501: ErrorSchema, 503: ErrorSchema };
 
