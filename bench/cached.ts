@@ -9,7 +9,7 @@ import { until200 } from './vm.js';
  */
 export async function benchCached(runs: number): Promise<void> {
   const reg = await startRegistry({ users: { bench: 'bench-pass' } });
-  const srv = await startTestServer({ CAKEWORK_VM_SUBNET: '198.18.0.0/16', CAKEWORK_LOG_LEVEL: 'warn' });
+  const srv = await startTestServer({ CAKEWORK_VM_SUBNET: '198.18.0.0/17', CAKEWORK_LOG_LEVEL: 'warn' });
   try {
     await pushImage(reg, 'bench/httpd', 'v1', { layers: [await busyboxLayer()], config: busyboxConfig });
     const imp = await srv.call('POST', '/v1/image/import', { imageUri: `${reg.host}/bench/httpd:v1`, password: 'bench-pass' });

@@ -41,7 +41,7 @@ function pssKb(pid: number): number {
  */
 export async function benchVm(runs: number): Promise<void> {
   const reg = await startRegistry({ users: { bench: 'bench-pass' } });
-  const srv = await startTestServer({ CAKEWORK_VM_SUBNET: '198.18.0.0/16', CAKEWORK_LOG_LEVEL: 'warn' });
+  const srv = await startTestServer({ CAKEWORK_VM_SUBNET: '198.18.0.0/17', CAKEWORK_LOG_LEVEL: 'warn' });
   const scratchDir = fs.mkdtempSync(path.join(os.tmpdir(), 'cw-bench-vm-'));
   try {
     await pushImage(reg, 'bench/httpd', 'v1', { layers: [await busyboxLayer()], config: busyboxConfig });
@@ -51,10 +51,8 @@ export async function benchVm(runs: number): Promise<void> {
 
     const ours: number[] = [];
     const floor: number[] = [];
-    const net = new HostNetwork('198.19.200.0/24');
+    const net = new HostNetwork('198.19.200.0/24', 'bnc');
     await net.init();
-    // the bench's own rules replaced the server's table; restore the server's
-    await new HostNetwork('198.18.0.0/16').init();
     const runOurs = async (): Promise<void> => {
       const t0 = performance.now();
       const r = await srv.call('POST', '/v1/vm/start', { imageId: image.imageId, cpu: 1, memory: 256, port: 8080 });
@@ -105,6 +103,7 @@ export async function benchVm(runs: number): Promise<void> {
     await new Promise((r) => setTimeout(r, 5000));
     const pss = idle.map((id) => pssKb(srv.store.getVmById(id)!.pid!) / 1024);
     for (const id of idle) await srv.call('POST', `/v1/vm/${id}/stop`);
+    await net.teardown();
 
     const m = median(ours);
     const f = median(floor);

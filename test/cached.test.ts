@@ -30,7 +30,7 @@ const cmd = (script: string) => ({ ...busyboxConfig, Cmd: ['/bin/sh', '-c', scri
 describe('cached VMs', { skip }, () => {
   before(async () => {
     reg = await startRegistry({ users: { cache: 'cache-pass' } });
-    srv = await startTestServer({ CAKEWORK_VM_SUBNET: '198.18.0.0/16', CAKEWORK_STOP_GRACE_MS: '3000', CAKEWORK_CACHE_TIMEOUT_MS: '8000' });
+    srv = await startTestServer({ CAKEWORK_VM_SUBNET: '198.18.0.0/17', CAKEWORK_STOP_GRACE_MS: '3000', CAKEWORK_CACHE_TIMEOUT_MS: '8000' });
     layer = await busyboxLayer();
     app = await importImage(srv, reg, 'cache/app', 'v1', { layers: [layer], config: cmd(appScript) });
   });
@@ -146,7 +146,7 @@ describe('cached VMs', { skip }, () => {
 
   test('a server restart keeps stopped cached VMs and adopts started ones', async () => {
     const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'cw-cached-restart-'));
-    const env = { CAKEWORK_API_KEY: 'cw_cached_restart', CAKEWORK_VM_SUBNET: '198.18.0.0/16' };
+    const env = { CAKEWORK_API_KEY: 'cw_cached_restart', CAKEWORK_VM_SUBNET: '198.18.128.0/17' };
     let server = await startServerProcess(env, dataDir);
     const api = (): Caller => ({ call: (m, u, b, k = env.CAKEWORK_API_KEY) => apiCall(server.url, k, m, u, b) });
     try {
@@ -169,6 +169,15 @@ describe('cached VMs', { skip }, () => {
         assert.equal((await api().call('GET', `/v1/vm/cached/${id}`)).body.state, 'stopped', 'a graceful stop leaves cached VMs stopped with their snapshots');
         assert.equal((await api().call('POST', `/v1/vm/cached/${id}/start`)).body.state, 'started');
       }
+      await server.stop();
+      const left = fs.readdirSync('/proc').filter((p) => /^\d+$/.test(p)).filter((p) => {
+        try {
+          return fs.readFileSync(`/proc/${p}/cmdline`, 'utf8').includes(`${dataDir}/`);
+        } catch {
+          return false;
+        }
+      });
+      assert.deepEqual(left, [], 'a graceful stop leaves no QEMU behind, prepared restores included');
     } finally {
       await server.stop();
       fs.rmSync(dataDir, { recursive: true, force: true });

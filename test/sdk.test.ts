@@ -15,7 +15,7 @@ let srv: TestServer;
 
 before(async () => {
   reg = await startRegistry({ users: { sdkuser: 'sdk-pass' } });
-  srv = await startTestServer({ CAKEWORK_VM_SUBNET: '198.18.0.0/16' });
+  srv = await startTestServer({ CAKEWORK_VM_SUBNET: '198.18.0.0/17' });
 });
 after(async () => {
   await srv.close();

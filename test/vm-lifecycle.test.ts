@@ -7,6 +7,8 @@ import { request, waitFor200 } from './helpers/http.js';
 import { busyboxConfig, busyboxLayer, pushImage, startRegistry, type Layer, type TestRegistry } from './helpers/registry.js';
 import { apiCall, startServerProcess, startTestServer, type ServerProcess } from './helpers/server.js';
 import { importImage, isOver, logLines, waitForLog, waitForVm, type Caller } from './helpers/vm.js';
+import { execFileSync } from 'node:child_process';
+import { instanceTag } from '../src/vms/service.js';
 
 // Restarts, crashes and limits, with real QEMU guests and the server as a real process.
 
@@ -45,7 +47,7 @@ describe('VM lifecycle across restarts and limits', { skip }, () => {
 
   test('kill -9 of the server: running VMs are adopted, a VM that died meanwhile is failed, kill -9 of QEMU fails the VM', async () => {
     const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'cw-adopt-'));
-    const env = { CAKEWORK_API_KEY: 'cw_adopt_test_key', CAKEWORK_VM_SUBNET: '198.18.0.0/16' };
+    const env = { CAKEWORK_API_KEY: 'cw_adopt_test_key', CAKEWORK_VM_SUBNET: '198.18.128.0/17' };
     let server: ServerProcess = await startServerProcess(env, dataDir);
     const api = (): Caller => ({ call: (m, u, b, k = env.CAKEWORK_API_KEY) => apiCall(server.url, k, m, u, b) });
     try {
@@ -105,12 +107,15 @@ describe('VM lifecycle across restarts and limits', { skip }, () => {
   });
 
   test('a graceful shutdown stops running VMs; none is left running and none claims to run', async () => {
-    const srv = await startTestServer({ CAKEWORK_VM_SUBNET: '198.18.0.0/16' });
+    const srv = await startTestServer({ CAKEWORK_VM_SUBNET: '198.18.0.0/17' });
     const image = await importImage(srv, reg, 'life/ticker2', 'v1', { layers: [layer], config: ticker });
     const r = await srv.call('POST', '/v1/vm/start', { imageId: image });
     assert.equal(r.status, 200);
     await srv.close();
     assert.deepEqual(qemuPids(`${srv.dataDir}/vms/`), []);
+    const tag = instanceTag(srv.dataDir);
+    assert.deepEqual(fs.readdirSync('/sys/class/net').filter((n) => n.startsWith(`cwv${tag}`)), [], 'no tap left');
+    assert.ok(!execFileSync('nft', ['list', 'tables']).toString().includes(`cakework_${tag}`), 'firewall table removed');
     const row = (await readDb(srv.dataDir, 'SELECT state FROM vms WHERE id = ?', r.body.id))[0] as { state: string };
     assert.equal(row.state, 'stopped');
     const lines = (await readDb(srv.dataDir, 'SELECT message FROM log_lines WHERE owner_id = ? ORDER BY id', r.body.id)) as Array<{ message: string }>;
@@ -118,7 +123,7 @@ describe('VM lifecycle across restarts and limits', { skip }, () => {
   });
 
   test('limits: per-account VM count answers 429, host memory 503; an image still importing 409 or waited for', async () => {
-    const srv = await startTestServer({ CAKEWORK_VM_SUBNET: '198.18.0.0/16', CAKEWORK_MAX_VMS_PER_ACCOUNT: '1', CAKEWORK_MEMORY_OVERCOMMIT: '0.1', CAKEWORK_IMAGE_WAIT_MS: '0' });
+    const srv = await startTestServer({ CAKEWORK_VM_SUBNET: '198.18.0.0/17', CAKEWORK_MAX_VMS_PER_ACCOUNT: '1', CAKEWORK_MEMORY_OVERCOMMIT: '0.1', CAKEWORK_IMAGE_WAIT_MS: '0' });
     try {
       const image = await importImage(srv, reg, 'life/ticker3', 'v1', { layers: [layer], config: ticker });
       const tooBig = await srv.call('POST', '/v1/vm/start', { imageId: image, memory: 16384 });
@@ -144,7 +149,7 @@ describe('VM lifecycle across restarts and limits', { skip }, () => {
       await srv.close();
     }
     // With the default bounded wait, startVM waits for the import and then boots it.
-    const patient = await startTestServer({ CAKEWORK_VM_SUBNET: '198.18.0.0/16' });
+    const patient = await startTestServer({ CAKEWORK_VM_SUBNET: '198.18.0.0/17' });
     try {
       const imp = await patient.call('POST', '/v1/image/import', { imageUri: `${reg.host}/life/debian:v1`, password: 'life-pass' });
       const r = await patient.call('POST', '/v1/vm/start', { imageId: imp.body.imageId });

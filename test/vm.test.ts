@@ -24,7 +24,7 @@ describe('microVMs', { skip }, () => {
   before(async () => {
     reg = await startRegistry({ users: { vmtest: 'vm-pass' } });
     // The API listens on every address, so the isolation test shows the firewall (not the bind) stops VMs.
-    srv = await startTestServer({ CAKEWORK_HOST: '0.0.0.0', CAKEWORK_VM_SUBNET: '198.18.0.0/16', CAKEWORK_STOP_GRACE_MS: '3000' });
+    srv = await startTestServer({ CAKEWORK_HOST: '0.0.0.0', CAKEWORK_VM_SUBNET: '198.18.0.0/17', CAKEWORK_STOP_GRACE_MS: '3000' });
     layer = await busyboxLayer();
     httpd = await importImage(srv, reg, 'vmtest/httpd', 'v1', { layers: [layer], config: busyboxConfig });
   });
@@ -206,7 +206,7 @@ describe('microVMs', { skip }, () => {
     // Another tenant's VM to aim at.
     const other = await srv.call('POST', '/v1/vm/start', { imageId: httpd, waitForPort: true });
     assert.equal(other.status, 200);
-    const otherIp = new HostNetwork('198.18.0.0/16').link(srv.store.getVmById(other.body.id)!.slot!).guestIp;
+    const otherIp = new HostNetwork('198.18.0.0/17', 'any').link(srv.store.getVmById(other.body.id)!.slot!).guestIp;
     const apiPort = new URL(srv.url).port;
     const probe = (label: string, host: string, port: string | number) =>
       `if printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 ${host} ${port} | head -c 200 | grep -q .; then echo "${label}=reached"; else echo "${label}=blocked"; fi`;

@@ -55,6 +55,8 @@ export class CachedVmService {
   private readonly snapshotsDir: string;
   private readonly vmsDir: string;
   private idleTimer: NodeJS.Timeout | null = null;
+  /** set by shutdown: no new prepared restores from then on */
+  private closing = false;
 
   constructor(
     private readonly vms: VmService,
@@ -87,7 +89,7 @@ export class CachedVmService {
    * of host memory per stopped cached VM.
    */
   private prepare(vm: VmRecord): void {
-    if (!this.config.prepareRestores || this.prepared.has(vm.id) || this.vms.unavailable) return;
+    if (this.closing || !this.config.prepareRestores || this.prepared.has(vm.id) || this.vms.unavailable) return;
     const p = this.launchForRestore(vm).then(
       (prep) => {
         void prep.machine.exited.then(() => {
@@ -437,15 +439,17 @@ export class CachedVmService {
     return { ramBytes: used(SNAPSHOT.ram), stateBytes: used(SNAPSHOT.state), diskBytes: used(SNAPSHOT.disk) };
   }
 
+  /** Prepared restores always go (a restart prepares again); running cached VMs stop or are kept. */
   async shutdown(): Promise<void> {
+    this.closing = true;
     if (this.idleTimer) clearInterval(this.idleTimer);
-    await Promise.allSettled([...this.prepared.keys()].map((id) => this.dropPrepared(id)));
     if (this.config.onShutdown === 'keep') {
       for (const e of this.running.values()) e.machine.detach();
       this.running.clear();
-      return;
+    } else {
+      await Promise.allSettled([...this.running.entries()].map(([id, e]) => this.stopEntry(id, e, 'stopping: the server is shutting down')));
     }
-    await Promise.allSettled([...this.running.entries()].map(([id, e]) => this.stopEntry(id, e, 'stopping: the server is shutting down')));
+    await Promise.allSettled([...this.prepared.keys()].map((id) => this.dropPrepared(id)));
   }
 
   private removeRunDir(dir: string | null): void {

@@ -2,15 +2,16 @@ import fs from 'node:fs';
 import { run } from '../util/exec.js';
 
 /**
- * Host side of VM networking. Each VM gets a tap device `cwt<slot>` in the host's namespace and its
+ * Host side of VM networking. Each VM gets a tap device `cwv<instance><slot>` in the host's namespace and its
  * own /30 inside the VM subnet (host .1, guest .2). nftables rules make every VM reach outside
  * addresses (masqueraded) but never the host itself (the API, loopback services, anything addressed
  * to the host) and never another VM; the host can still open connections into a VM (the endpoint
- * proxy), whose replies are let back in as established traffic.
+ * proxy), whose replies are let back in as established traffic. Packets with a source outside the
+ * VM subnet, and IPv6, are not forwarded (a guest is root in its VM and can set any address).
  */
 
-export const TAP_PREFIX = 'cwvm';
-const TABLE = 'cakework';
+/** Every tap of every server on this host starts with this, so no VM can talk to another's VMs. */
+const ALL_TAPS = 'cwv';
 
 export interface Link {
   slot: number;
@@ -39,7 +40,20 @@ export class HostNetwork {
   private next = 0;
 
   /** `subnet` like 10.213.0.0/16: the VMs' private range on this host (never routed off it). */
-  constructor(readonly subnet: string) {
+  private readonly tapPrefix: string;
+  private readonly table: string;
+
+  /**
+   * `instance` (3 lowercase letters/digits, derived from the data directory) keeps the taps and the
+   * nftables table of several servers on one host apart.
+   */
+  constructor(
+    readonly subnet: string,
+    instance: string,
+  ) {
+    if (!/^[a-z0-9]{3}$/.test(instance)) throw new Error(`network instance tag must be 3 lowercase letters or digits, got "${instance}"`);
+    this.tapPrefix = `${ALL_TAPS}${instance}`;
+    this.table = `cakework_${instance}`;
     const [addr, bits] = subnet.split('/');
     const prefix = Number(bits);
     if (!addr || !/^\d+\.\d+\.\d+\.\d+$/.test(addr) || !(prefix >= 8 && prefix <= 28)) {
@@ -52,30 +66,32 @@ export class HostNetwork {
   link(slot: number): Link {
     const net = this.base + slot * 4;
     const tail = [(slot >> 16) & 255, (slot >> 8) & 255, slot & 255].map((b) => b.toString(16).padStart(2, '0')).join(':');
-    return { slot, tap: `${TAP_PREFIX}${slot}`, hostIp: intToIp(net + 1), guestIp: intToIp(net + 2), prefix: 30, mac: `52:54:00:${tail}`, hostMac: `52:54:01:${tail}` };
+    return { slot, tap: `${this.tapPrefix}${slot}`, hostIp: intToIp(net + 1), guestIp: intToIp(net + 2), prefix: 30, mac: `52:54:00:${tail}`, hostMac: `52:54:01:${tail}` };
   }
 
   /** Installs the isolation rules (replacing ours from an earlier run) and enables forwarding. */
   async init(): Promise<void> {
     fs.writeFileSync('/proc/sys/net/ipv4/ip_forward', '1');
-    await run('nft', ['delete', 'table', 'inet', TABLE], { timeoutMs: 10_000 }).catch(() => undefined);
+    await run('nft', ['delete', 'table', 'inet', this.table], { timeoutMs: 10_000 }).catch(() => undefined);
     const rules = `
-table inet ${TABLE} {
+table inet ${this.table} {
   chain input {
     type filter hook input priority -10; policy accept;
-    iifname "${TAP_PREFIX}*" ct state established,related accept
-    iifname "${TAP_PREFIX}*" drop
+    iifname "${this.tapPrefix}*" ct state established,related accept
+    iifname "${this.tapPrefix}*" drop
   }
   chain forward {
     type filter hook forward priority -10; policy accept;
-    iifname "${TAP_PREFIX}*" oifname "${TAP_PREFIX}*" drop
-    oifname "${TAP_PREFIX}*" ct state established,related accept
-    oifname "${TAP_PREFIX}*" drop
-    iifname "${TAP_PREFIX}*" accept
+    iifname "${this.tapPrefix}*" ip saddr != ${this.subnet} drop
+    iifname "${this.tapPrefix}*" meta nfproto ipv6 drop
+    iifname "${ALL_TAPS}*" oifname "${ALL_TAPS}*" drop
+    oifname "${this.tapPrefix}*" ct state established,related accept
+    oifname "${this.tapPrefix}*" drop
+    iifname "${this.tapPrefix}*" accept
   }
   chain postrouting {
     type nat hook postrouting priority 100; policy accept;
-    ip saddr ${this.subnet} oifname != "${TAP_PREFIX}*" masquerade
+    ip saddr ${this.subnet} oifname != "${this.tapPrefix}*" masquerade
   }
 }
 `;
@@ -86,6 +102,11 @@ table inet ${TABLE} {
     } finally {
       fs.rmSync(file, { force: true });
     }
+  }
+
+  /** Removes this instance's nftables table (for a throw-away instance such as a benchmark's). */
+  async teardown(): Promise<void> {
+    await run('nft', ['delete', 'table', 'inet', this.table], { timeoutMs: 10_000 }).catch(() => undefined);
   }
 
   /** Marks a slot used by a VM found at start-up (adopted). */
@@ -138,7 +159,7 @@ table inet ${TABLE} {
   /** Taps of ours that no live VM owns (left by a crash) are deleted. */
   async removeStaleTaps(keep: Set<string>): Promise<void> {
     for (const name of fs.readdirSync('/sys/class/net')) {
-      if (name.startsWith(TAP_PREFIX) && /^\d+$/.test(name.slice(TAP_PREFIX.length)) && !keep.has(name)) {
+      if (name.startsWith(this.tapPrefix) && /^\d+$/.test(name.slice(this.tapPrefix.length)) && !keep.has(name)) {
         await run('ip', ['link', 'del', name], { timeoutMs: 10_000 }).catch(() => undefined);
       }
     }

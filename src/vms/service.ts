@@ -1,3 +1,4 @@
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
@@ -24,6 +25,12 @@ export interface StartVmRequest {
   envVars?: Record<string, string>;
   volumeGB?: number;
   waitForPort?: boolean;
+}
+
+/** Three base-36 characters from the data directory: this server's taps and nftables table. */
+export function instanceTag(dataDir: string): string {
+  const n = crypto.createHash('sha256').update(dataDir).digest().readUInt32BE(0) % 36 ** 3;
+  return n.toString(36).padStart(3, '0');
 }
 
 /** Polls until `host:port` accepts a TCP connection; false at the deadline or once `alive` says no. */
@@ -88,7 +95,7 @@ export class VmService {
     private readonly config: Config,
     private readonly log: FastifyBaseLogger,
   ) {
-    this.network = new HostNetwork(config.vmSubnet);
+    this.network = new HostNetwork(config.vmSubnet, instanceTag(config.dataDir));
     this.assets = guestAssets();
     this.vmsDir = path.join(config.dataDir, 'vms');
     this.cached = new CachedVmService(this, store, logs, config, log);
@@ -394,6 +401,11 @@ export class VmService {
         await this.settled(id);
       }),
     );
+    // Nothing of ours runs any more: the firewall table and any tap left go too.
+    if (!this.unavailable) {
+      await this.network.removeStaleTaps(new Set());
+      await this.network.teardown();
+    }
     this.logs.flush();
   }
 }
