@@ -10,7 +10,8 @@ mode="${1:-}"
 need=(mkfs.erofs:erofs-utils zstd:zstd mknod:coreutils
       qemu-system-x86_64:qemu-system-x86 cpio:cpio gcc:gcc mkfs.ext4:e2fsprogs ip:iproute2 nft:nftables
       flex:flex bison:bison bc:bc make:make /usr/src/linux-source-6.1.tar.xz:linux-source-6.1
-      /usr/include/libelf.h:libelf-dev /usr/include/stdio.h:libc6-dev)
+      /usr/include/libelf.h:libelf-dev /usr/include/stdio.h:libc6-dev
+      buildah:buildah runc:runc git:git)
 if [ "$mode" = "--test" ]; then
   need+=(docker-registry:docker-registry htpasswd:apache2-utils mmdebstrap:mmdebstrap busybox:busybox-static
          skopeo:skopeo umoci:umoci fsck.erofs:erofs-utils)

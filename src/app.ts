@@ -5,6 +5,7 @@ import { pino, type Logger } from 'pino';
 import { ensureKey } from './accounts/keys.js';
 import { buildApi } from './api/server.js';
 import type { Config } from './config.js';
+import { BuildService } from './builds/service.js';
 import { ImageService } from './images/service.js';
 import { LogService } from './logs/service.js';
 import { VmService } from './vms/service.js';
@@ -39,7 +40,8 @@ export async function startServer(config: Config, logger: Logger = makeLogger(co
   const logs = new LogService(store);
   const vms = new VmService(store, images, logs, config, logger);
   await vms.init();
-  const app = await buildApi({ store, images, vms, logs, logger, config });
+  const builds = new BuildService(store, images, logs, config, logger);
+  const app = await buildApi({ store, images, vms, builds, logs, logger, config });
   await app.listen({ port: config.port, host: config.host });
   const addr = app.server.address();
   const port = typeof addr === 'object' && addr ? addr.port : config.port;
@@ -54,6 +56,7 @@ export async function startServer(config: Config, logger: Logger = makeLogger(co
       closing ??= (async () => {
         await vms.shutdown();
         await app.close();
+        await builds.shutdown();
         await images.shutdown();
         logs.flush();
         store.close();

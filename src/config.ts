@@ -25,6 +25,13 @@ export interface Config {
   portWaitMs: number;
   cacheTimeoutMs: number;
   prepareRestores: boolean;
+  buildConcurrency: number;
+  buildTimeoutMs: number;
+  buildMemoryMb: number;
+  buildCpus: number;
+  githubUrl: string;
+  /** registry credentials for FROM, in containers-auth.json format */
+  buildAuthFile: string | undefined;
   memoryOvercommit: number;
   cpuOvercommit: number;
   maxVmsPerAccount: number;
@@ -93,6 +100,12 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     portWaitMs: intVar(env, 'CAKEWORK_PORT_WAIT_MS', 30_000, 0, 600_000),
     cacheTimeoutMs: intVar(env, 'CAKEWORK_CACHE_TIMEOUT_MS', 60_000, 100, 3_600_000),
     prepareRestores: (env.CAKEWORK_PREPARE_RESTORES ?? 'on') !== 'off',
+    buildConcurrency: intVar(env, 'CAKEWORK_BUILD_CONCURRENCY', 1, 1, 64),
+    buildTimeoutMs: intVar(env, 'CAKEWORK_BUILD_TIMEOUT_MS', 1_800_000, 1000, 86_400_000),
+    buildMemoryMb: intVar(env, 'CAKEWORK_BUILD_MEMORY_MB', 2048, 64, 1_048_576),
+    buildCpus: intVar(env, 'CAKEWORK_BUILD_CPUS', 2, 1, 256),
+    githubUrl: env.CAKEWORK_GITHUB_URL || 'https://github.com',
+    buildAuthFile: env.CAKEWORK_BUILD_AUTH_FILE || undefined,
     memoryOvercommit: numVar(env, 'CAKEWORK_MEMORY_OVERCOMMIT', 1.5, 0.1, 100),
     cpuOvercommit: numVar(env, 'CAKEWORK_CPU_OVERCOMMIT', 4, 0.1, 1000),
     maxVmsPerAccount: intVar(env, 'CAKEWORK_MAX_VMS_PER_ACCOUNT', 20, 1, 100_000),

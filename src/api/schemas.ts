@@ -172,15 +172,26 @@ export const BuildFromGithubBody = Type.Object({
   branch: Type.String({ minLength: 1, maxLength: 255 }),
 });
 
+export const BuildView = Type.Object({
+  buildId: Type.String(),
+  imageId: Type.String({ description: 'Reserved at once; startVM on it waits for the build' }),
+  status: Type.Union(['created', 'building', 'succeeded', 'failed'].map((s) => Type.Literal(s))),
+  error: Type.Union([Type.String(), Type.Null()]),
+  createdAt: Type.String({ format: 'date-time' }),
+  updatedAt: Type.String({ format: 'date-time' }),
+  startedAt: Type.Union([Type.String({ format: 'date-time' }), Type.Null()]),
+  finishedAt: Type.Union([Type.String({ format: 'date-time' }), Type.Null()]),
+});
+
 export const BuildFromFilesBody = Type.Object({
   dockerfile: Type.String({ minLength: 1, maxLength: 1_048_576 }),
   dockerignore: Type.Optional(Type.String({ maxLength: 1_048_576 })),
   files: Type.Array(
     Type.Object({
-      dir: Type.String({ maxLength: 4096 }),
+      dir: Type.String({ maxLength: 4096, description: 'Directory inside the build context; "." is the root' }),
       name: Type.String({ minLength: 1, maxLength: 255 }),
       content: Type.String(),
     }),
-    { maxItems: 10000 },
+    { maxItems: 10000, description: 'At most 10000 files and 32 MiB in all' },
   ),
 });

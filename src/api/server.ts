@@ -9,6 +9,7 @@ import type { ImageService } from '../images/service.js';
 import type { LogService } from '../logs/service.js';
 import { EndpointProxy } from '../proxy/proxy.js';
 import type { VmService } from '../vms/service.js';
+import type { BuildService } from '../builds/service.js';
 import type { Store } from '../store/store.js';
 import { newId } from '../util/ids.js';
 import { requireApiKey } from './auth.js';
@@ -30,6 +31,7 @@ export interface ApiDeps {
   store: Store;
   images: ImageService;
   vms: VmService;
+  builds: BuildService;
   logs: LogService;
   logger: FastifyInstance['log'];
   config: Config;
@@ -122,7 +124,7 @@ export async function buildApi(deps: ApiDeps): Promise<FastifyInstance> {
   await app.register(async (v1) => {
     requireApiKey(v1, deps.store);
     await v1.register(imageRoutes(deps.images));
-    await v1.register(buildRoutes);
+    await v1.register(buildRoutes({ builds: deps.builds, logs: deps.logs }));
     await v1.register(vmRoutes({ vms: deps.vms, logs: deps.logs, domain: deps.config.domain, endpointOf: (id) => endpointOf(app, deps.config, id) }));
   });
 

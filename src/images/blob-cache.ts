@@ -48,6 +48,25 @@ export class BlobCache {
     return { path: await p, cached: false };
   }
 
+  /** Takes a blob from a local file (an OCI layout) into the cache after checking its size and digest. */
+  async adopt(digest: string, size: number, file: string): Promise<{ path: string; cached: boolean }> {
+    const target = this.pathOf(digest);
+    if (fs.existsSync(target)) return { path: target, cached: true };
+    const hash = crypto.createHash('sha256');
+    let bytes = 0;
+    for await (const chunk of fs.createReadStream(file, { highWaterMark: 1024 * 1024 })) {
+      hash.update(chunk as Buffer);
+      bytes += (chunk as Buffer).length;
+    }
+    if (bytes !== size) throw new ImportError(`blob ${digest} is ${bytes} bytes, its manifest declares ${size}`);
+    const actual = `sha256:${hash.digest('hex')}`;
+    if (actual !== digest) throw new ImportError(`blob digest mismatch: expected ${digest}, found ${actual}`);
+    const tmp = path.join(this.dir, 'tmp', `${digest.slice(7, 23)}-${crypto.randomBytes(4).toString('hex')}`);
+    fs.copyFileSync(file, tmp, fs.constants.COPYFILE_FICLONE);
+    fs.renameSync(tmp, target);
+    return { path: target, cached: false };
+  }
+
   private async download(digest: string, size: number, open: () => Promise<Response>, onBytes: (n: number) => void): Promise<string> {
     const res = await open();
     const tmp = path.join(this.dir, 'tmp', `${digest.slice(7, 23)}-${crypto.randomBytes(4).toString('hex')}`);

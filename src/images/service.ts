@@ -7,9 +7,9 @@ import { newId } from '../util/ids.js';
 import { Semaphore } from '../util/semaphore.js';
 import { BlobCache } from './blob-cache.js';
 import { ImportError } from './errors.js';
-import { parseImageConfig, parseManifest, selectPlatform, type Descriptor } from './manifest.js';
+import { parseImageConfig, parseManifest, selectPlatform, type Descriptor, type ParsedManifest } from './manifest.js';
 import { defaultUsername, isLoopbackHost, parseImageUri, type ImageReference } from './reference.js';
-import { RegistryClient } from './registry.js';
+import { RegistryClient, sha256Digest } from './registry.js';
 import { makeErofs } from './rootfs.js';
 import { Unpacker } from './unpacker.js';
 
@@ -186,13 +186,50 @@ export class ImageService {
       }
     };
     const fetchBlob = (d: Descriptor) => this.blobs.get(d.digest, d.size, () => client.blob(d.digest), onBytes);
+    await this.materialize(job.imageId, manifest, digest, fetchBlob, signal, log);
+  }
 
+  /** Config, layers and disk of a resolved manifest, whatever the blobs come from; then `ready`. */
+  private async materialize(
+    imageId: string,
+    manifest: ParsedManifest,
+    digest: string,
+    fetchBlob: (d: Descriptor) => Promise<{ path: string }>,
+    signal: AbortSignal,
+    log: FastifyBaseLogger,
+  ): Promise<void> {
+    const total = manifest.layers.reduce((n, l) => n + l.size, 0);
     const configBlob = await fetchBlob(manifest.config);
     const imageConfig = parseImageConfig(fs.readFileSync(configBlob.path));
-
     const diskPath = path.join(this.rootfsDir, `${digest.slice('sha256:'.length)}.erofs`);
-    const size = await this.ensureDisk(digest, diskPath, () => this.buildDisk(job, manifest.layers, diskPath, fetchBlob, signal, log));
-    this.finish(job.imageId, { digest, size, diskPath, imageConfig, total });
+    const size = await this.ensureDisk(digest, diskPath, () => this.buildDisk(imageId, manifest.layers, diskPath, fetchBlob, signal, log));
+    this.finish(imageId, { digest, size, diskPath, imageConfig, total });
+  }
+
+  /**
+   * Makes a reserved image (a build's) ready from an OCI image layout on local disk, exactly as an
+   * import does from a registry: digests verified, layers into the shared cache, one disk per digest.
+   */
+  async importLayout(imageId: string, layoutDir: string, signal: AbortSignal, log: FastifyBaseLogger): Promise<void> {
+    const blobPath = (digest: string) => path.join(layoutDir, 'blobs', 'sha256', digest.slice('sha256:'.length));
+    const index = parseManifest(fs.readFileSync(path.join(layoutDir, 'index.json')), 'application/vnd.oci.image.index.v1+json');
+    if (index.kind !== 'index' || !index.manifests[0]) throw new ImportError('the build produced an OCI layout without a manifest');
+    const desc = index.manifests[0];
+    const body = fs.readFileSync(blobPath(desc.digest));
+    if (sha256Digest(body) !== desc.digest) throw new ImportError(`manifest digest mismatch in the build output`);
+    const manifest = parseManifest(body, desc.mediaType);
+    if (manifest.kind !== 'manifest') throw new ImportError('the build output is an index, not an image');
+    this.store.updateImage(imageId, { digest: desc.digest, totalBytes: manifest.layers.reduce((n, l) => n + l.size, 0), phase: 'unpacking' });
+    await this.materialize(imageId, manifest, desc.digest, (d) => this.blobs.adopt(d.digest, d.size, blobPath(d.digest)), signal, log);
+  }
+
+  /** Reserves an image id for a build: `importing` until the build's result is in (or it failed). */
+  reserve(accountId: string, source: string): ImageRecord {
+    return this.store.insertImage({ id: newId('img_'), accountId, source: 'build', imageUri: source, status: 'importing' });
+  }
+
+  fail(imageId: string, reason: string): void {
+    this.store.updateImage(imageId, { status: 'failed', error: reason, phase: 'failed' });
   }
 
   /** One disk per manifest digest; concurrent imports of the same image wait for the first. */
@@ -209,14 +246,14 @@ export class ImageService {
   }
 
   private async buildDisk(
-    job: Job,
+    imageId: string,
     layers: Descriptor[],
     diskPath: string,
     fetchBlob: (d: Descriptor) => Promise<{ path: string }>,
     signal: AbortSignal,
     log: FastifyBaseLogger,
   ): Promise<number> {
-    const work = path.join(this.pickWorkDir(layers), job.imageId);
+    const work = path.join(this.pickWorkDir(layers), imageId);
     const root = path.join(work, 'rootfs');
     fs.mkdirSync(root, { recursive: true, mode: 0o755 });
     // Downloads run ahead (all started now) while layers are applied strictly in order.
@@ -231,13 +268,13 @@ export class ImageService {
         const blob = await downloads[i]!;
         if (Date.now() - waited > 50) log.info({ layer: layers[i]!.digest, ms: Date.now() - waited }, 'waited for layer download');
         signal.throwIfAborted();
-        this.store.updateImage(job.imageId, { phase: `unpacking layer ${i + 1}/${layers.length}` });
+        this.store.updateImage(imageId, { phase: `unpacking layer ${i + 1}/${layers.length}` });
         const t0 = Date.now();
         const stats = await unpacker.apply(root, blob.path);
         log.info({ layer: layers[i]!.digest, ...stats, ms: Date.now() - t0 }, 'layer unpacked');
       }
       signal.throwIfAborted();
-      this.store.updateImage(job.imageId, { phase: 'writing disk' });
+      this.store.updateImage(imageId, { phase: 'writing disk' });
       const t0 = Date.now();
       const size = await makeErofs(root, diskPath, signal);
       log.info({ bytes: size, ms: Date.now() - t0 }, 'erofs disk written');

@@ -73,4 +73,21 @@ export const migrations: string[] = [
   ALTER TABLE vms ADD COLUMN runs INTEGER NOT NULL DEFAULT 0;
   ALTER TABLE vms ADD COLUMN idle_stop_s INTEGER;
   `,
+  `
+  CREATE TABLE builds (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id),
+    image_id TEXT NOT NULL REFERENCES images(id),
+    source TEXT NOT NULL,
+    repository TEXT,
+    branch TEXT,
+    status TEXT NOT NULL,
+    error TEXT,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    started_at INTEGER,
+    finished_at INTEGER
+  );
+  CREATE INDEX builds_account ON builds(account_id, created_at, id);
+  `,
 ];

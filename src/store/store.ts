@@ -187,6 +187,55 @@ function vmFromRow(r: VmRow): VmRecord {
   };
 }
 
+export type BuildStatus = 'created' | 'building' | 'succeeded' | 'failed';
+
+export interface BuildRecord {
+  id: string;
+  accountId: string;
+  imageId: string;
+  source: 'github' | 'files';
+  repository: string | null;
+  branch: string | null;
+  status: BuildStatus;
+  error: string | null;
+  createdAt: number;
+  updatedAt: number;
+  startedAt: number | null;
+  finishedAt: number | null;
+}
+
+interface BuildRow {
+  id: string;
+  account_id: string;
+  image_id: string;
+  source: 'github' | 'files';
+  repository: string | null;
+  branch: string | null;
+  status: BuildStatus;
+  error: string | null;
+  created_at: number;
+  updated_at: number;
+  started_at: number | null;
+  finished_at: number | null;
+}
+
+function buildFromRow(r: BuildRow): BuildRecord {
+  return {
+    id: r.id,
+    accountId: r.account_id,
+    imageId: r.image_id,
+    source: r.source,
+    repository: r.repository,
+    branch: r.branch,
+    status: r.status,
+    error: r.error,
+    createdAt: r.created_at,
+    updatedAt: r.updated_at,
+    startedAt: r.started_at,
+    finishedAt: r.finished_at,
+  };
+}
+
 export type LogLevel = 'info' | 'error' | 'platform';
 
 export interface LogLine {
@@ -372,7 +421,7 @@ export class Store {
   }
 
   /** Sets the given camelCase fields (as snake_case columns) and updated_at on one row. */
-  private updateRow(table: 'images' | 'vms', id: string, fields: Record<string, unknown>, now: number): void {
+  private updateRow(table: 'images' | 'vms' | 'builds', id: string, fields: Record<string, unknown>, now: number): void {
     const columns: Record<string, unknown> = {};
     for (const [k, v] of Object.entries(fields)) {
       if (v !== undefined) columns[k.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`)] = v;
@@ -448,6 +497,34 @@ export class Store {
     now = Date.now(),
   ): void {
     this.updateRow('vms', id, fields, now);
+  }
+
+  // --- builds ---
+
+  insertBuild(b: Pick<BuildRecord, 'id' | 'accountId' | 'imageId' | 'source' | 'repository' | 'branch'>, now = Date.now()): BuildRecord {
+    this.db
+      .prepare(
+        `INSERT INTO builds (id, account_id, image_id, source, repository, branch, status, created_at, updated_at)
+         VALUES (?, ?, ?, ?, ?, ?, 'created', ?, ?)`,
+      )
+      .run(b.id, b.accountId, b.imageId, b.source, b.repository, b.branch, now, now);
+    return this.getBuild(b.accountId, b.id)!;
+  }
+
+  getBuild(accountId: string, id: string): BuildRecord | null {
+    const r = this.db.prepare('SELECT * FROM builds WHERE id = ? AND account_id = ?').get(id, accountId) as BuildRow | undefined;
+    return r ? buildFromRow(r) : null;
+  }
+
+  updateBuild(id: string, fields: Partial<Pick<BuildRecord, 'status' | 'error' | 'startedAt' | 'finishedAt'>>, now = Date.now()): void {
+    this.updateRow('builds', id, fields, now);
+  }
+
+  /** Builds cannot resume after a restart (the token is never stored): they end as failed. */
+  failInterruptedBuilds(reason: string, now = Date.now()): BuildRecord[] {
+    const rows = this.db.prepare(`SELECT * FROM builds WHERE status IN ('created', 'building')`).all() as BuildRow[];
+    for (const r of rows) this.updateBuild(r.id, { status: 'failed', error: reason, finishedAt: now }, now);
+    return rows.map(buildFromRow);
   }
 
   // --- log lines ---

@@ -6,6 +6,11 @@ export interface RunOptions {
   cwd?: string;
   /** written to the program's stdin */
   input?: string;
+  /** replaces the environment */
+  env?: NodeJS.ProcessEnv;
+  /** sees the output as it comes (it is still collected, last 64 KiB) */
+  onStdout?: (chunk: Buffer) => void;
+  onStderr?: (chunk: Buffer) => void;
 }
 
 /**
@@ -16,6 +21,7 @@ export function run(cmd: string, args: string[], opts: RunOptions): Promise<{ st
   return new Promise((resolve, reject) => {
     const child = spawn(cmd, args, {
       cwd: opts.cwd,
+      env: opts.env,
       stdio: [opts.input === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe'],
       timeout: opts.timeoutMs,
       killSignal: 'SIGKILL',
@@ -23,8 +29,14 @@ export function run(cmd: string, args: string[], opts: RunOptions): Promise<{ st
     });
     let stdout = '';
     let stderr = '';
-    child.stdout!.on('data', (d: Buffer) => (stdout = (stdout + d.toString()).slice(-65536)));
-    child.stderr!.on('data', (d: Buffer) => (stderr = (stderr + d.toString()).slice(-65536)));
+    child.stdout!.on('data', (d: Buffer) => {
+      opts.onStdout?.(d);
+      stdout = (stdout + d.toString()).slice(-65536);
+    });
+    child.stderr!.on('data', (d: Buffer) => {
+      opts.onStderr?.(d);
+      stderr = (stderr + d.toString()).slice(-65536);
+    });
     if (opts.input !== undefined) child.stdin!.end(opts.input);
     child.on('error', (err) => reject(new Error(`${cmd} could not run: ${err.message}`)));
     child.on('close', (code, signal) => {

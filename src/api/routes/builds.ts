@@ -1,18 +1,81 @@
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
-import { BuildFromFilesBody, BuildFromGithubBody, BuildIdParams, ErrorSchema, LogsQuery } from '../schemas.js';
-import { notImplemented } from './not-implemented.js';
+import { BuildInputError, checkFiles } from '../../builds/context.js';
+import type { BuildService } from '../../builds/service.js';
+import type { LogService } from '../../logs/service.js';
+import type { BuildRecord } from '../../store/store.js';
+import { ApiError, notFound } from '../errors.js';
+import { sendLogs } from '../logs.js';
+import { BuildFromFilesBody, BuildFromGithubBody, BuildIdParams, BuildView, ErrorSchema, LogsQuery, LogsResponse } from '../schemas.js';
 
-const errors = { 400: ErrorSchema, 401: ErrorSchema, 404: ErrorSchema, 501: ErrorSchema };
+const errors = { 400: ErrorSchema, 401: ErrorSchema, 404: ErrorSchema };
 
-export const buildRoutes: FastifyPluginAsyncTypebox = async (app) => {
-  const builds = notImplemented('Building images');
-  const b = { tags: ['builds'], response: errors };
-  app.post('/v1/image/build/github', { schema: { ...b, summary: 'buildImageFromGithub', body: BuildFromGithubBody } }, builds);
-  app.post('/v1/image/build/files', { schema: { ...b, summary: 'buildImageFromFiles', body: BuildFromFilesBody } }, builds);
-  app.get('/v1/image/build/:buildId', { schema: { ...b, summary: 'getBuild', params: BuildIdParams } }, builds);
-  app.get(
-    '/v1/image/build/:buildId/logs',
-    { schema: { ...b, summary: 'getBuildLogs', params: BuildIdParams, querystring: LogsQuery } },
-    builds,
-  );
-};
+export const buildRoutes =
+  (deps: { builds: BuildService; logs: LogService }): FastifyPluginAsyncTypebox =>
+  async (app) => {
+    const b = { tags: ['builds'] };
+    const view = (r: BuildRecord) => ({
+      buildId: r.id,
+      imageId: r.imageId,
+      status: r.status,
+      error: r.error,
+      createdAt: new Date(r.createdAt).toISOString(),
+      updatedAt: new Date(r.updatedAt).toISOString(),
+      startedAt: r.startedAt ? new Date(r.startedAt).toISOString() : null,
+      finishedAt: r.finishedAt ? new Date(r.finishedAt).toISOString() : null,
+    });
+    const invalid = (err: unknown): never => {
+      if (err instanceof BuildInputError) throw new ApiError(400, 'invalid_request', err.message, err.field);
+      throw err;
+    };
+
+    app.post(
+      '/v1/image/build/github',
+      {
+        schema: {
+          ...b,
+          summary: "buildImageFromGithub: build the user's repository at a branch with your Dockerfile; returns at once",
+          body: BuildFromGithubBody,
+          response: { 200: BuildView, ...errors },
+        },
+      },
+      async (req) => {
+        const { dockerfile, dockerignore, token, repository, branch } = req.body;
+        return view(deps.builds.start(req.accountId, { dockerfile, dockerignore, source: { kind: 'github', token, repository, branch } }));
+      },
+    );
+    app.post(
+      '/v1/image/build/files',
+      { schema: { ...b, summary: 'buildImageFromFiles: build from files given in the request; returns at once', body: BuildFromFilesBody, response: { 200: BuildView, ...errors } } },
+      async (req) => {
+        const { dockerfile, dockerignore, files } = req.body;
+        let rels: string[] = [];
+        try {
+          rels = checkFiles(files);
+        } catch (err) {
+          invalid(err);
+        }
+        return view(deps.builds.start(req.accountId, { dockerfile, dockerignore, source: { kind: 'files', files, rels } }));
+      },
+    );
+    app.get(
+      '/v1/image/build/:buildId',
+      { schema: { ...b, summary: 'getBuild', params: BuildIdParams, response: { 200: BuildView, ...errors } } },
+      async (req) => {
+        const found = deps.builds.get(req.accountId, req.params.buildId);
+        if (!found) throw notFound('build', req.params.buildId);
+        return view(found);
+      },
+    );
+    app.get(
+      '/v1/image/build/:buildId/logs',
+      { schema: { ...b, summary: 'getBuildLogs: every builder output line; follow=true streams until the build ends', params: BuildIdParams, querystring: LogsQuery, response: { 200: LogsResponse, ...errors } } },
+      async (req, reply) => {
+        const found = deps.builds.get(req.accountId, req.params.buildId);
+        if (!found) throw notFound('build', req.params.buildId);
+        return sendLogs(req, reply, deps.logs, found.id, req.query, () => {
+          const s = deps.builds.get(req.accountId, found.id)?.status;
+          return s === 'created' || s === 'building';
+        });
+      },
+    );
+  };
