@@ -115,12 +115,14 @@ export class BuildService {
         out.end();
         err.end();
       });
-      say('built; storing the image');
+      const built = Date.now();
+      say(`built in ${built - t0} ms; storing the image`);
       const layout = path.join(dir, 'oci');
-      await run('buildah', ['push', '--quiet', tag, `oci:${layout}:latest`], { timeoutMs: 600_000, signal: ctl.signal });
+      // Uncompressed layers: compressing them only to unpack them again next would cost the most time.
+      await run('buildah', ['push', '--quiet', '--disable-compression', tag, `oci:${layout}:latest`], { timeoutMs: 600_000, signal: ctl.signal });
       await this.images.importLayout(build.imageId, layout, ctl.signal, log);
       this.store.updateBuild(build.id, { status: 'succeeded', finishedAt: Date.now() });
-      say(`succeeded in ${Date.now() - t0} ms: image ${build.imageId}`);
+      say(`succeeded in ${Date.now() - t0} ms (storing took ${Date.now() - built} ms): image ${build.imageId}`);
     } catch (e) {
       const reason = ctl.signal.aborted
         ? ctl.signal.reason === SHUTDOWN
@@ -181,5 +183,6 @@ export class BuildService {
 function lastStep(logs: LogService, buildId: string): string {
   const lines = logs.query(buildId, { order: 'newest_first', limit: 20 }).filter((l) => l.level === 'error');
   const msg = lines.find((l) => /^Error:/.test(l.message)) ?? lines[0];
-  return msg ? msg.message.replace(/^Error:\s*/, '') : 'see the build logs';
+  // buildah appends a Go struct dump to some messages; the sentence before it is the useful part
+  return msg ? msg.message.replace(/^Error:\s*/, '').replace(/\s*&imagebuilder\.Step\{.*$/, '') : 'see the build logs';
 }
