@@ -48,7 +48,8 @@ export async function benchBuild(runs: number): Promise<void> {
       const t1 = performance.now();
       execFileSync(
         'buildah',
-        ['build', '--quiet', '--isolation', 'oci', '--runtime', 'runc', '--network', 'none', '--layers=false', '--pull=missing', '--file', path.join(dir, 'Dockerfile'), '--tag', 'localhost/cakework-bench-cli', ctx],
+        // the same flags the server passes (src/builds/service.ts: buildArgs, with the default limits)
+        ['build', '--quiet', '--isolation', 'oci', '--runtime', 'runc', '--network', 'none', '--memory', '2048m', '--cpu-period', '100000', '--cpu-quota', '200000', '--layers=false', '--pull=missing', '--file', path.join(dir, 'Dockerfile'), '--tag', 'localhost/cakework-bench-cli', ctx],
         { env: { ...process.env, REGISTRY_AUTH_FILE: auth, CONTAINERS_REGISTRIES_CONF: regConf }, stdio: 'ignore', timeout: 600_000 },
       );
       cli.push(performance.now() - t1);

@@ -69,6 +69,7 @@ export class ImageService {
       if (f.endsWith('.partial')) fs.rmSync(path.join(this.rootfsDir, f), { force: true });
     }
     this.slots = new Semaphore(config.importConcurrency);
+    Unpacker.warm();
     const failed = store.failInterruptedImports('the server restarted during the import; import the image again');
     if (failed) log.warn({ failed }, 'marked imports interrupted by a restart as failed');
   }
@@ -259,7 +260,7 @@ export class ImageService {
     // Downloads run ahead (all started now) while layers are applied strictly in order.
     const downloads = layers.map((l) => fetchBlob(l));
     downloads.forEach((d) => d.catch(() => undefined));
-    const unpacker = new Unpacker();
+    const unpacker = Unpacker.acquire();
     const abort = (): void => void unpacker.close();
     signal.addEventListener('abort', abort);
     try {
@@ -281,7 +282,8 @@ export class ImageService {
       return size;
     } finally {
       signal.removeEventListener('abort', abort);
-      await unpacker.close();
+      if (signal.aborted) await unpacker.close();
+      else unpacker.release();
       // Removing a large tree takes a while; the disk is done, so nobody waits for it.
       fs.promises.rm(work, { recursive: true, force: true }).catch(() => undefined);
     }
