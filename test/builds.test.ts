@@ -27,6 +27,7 @@ let reg: TestRegistry;
 let git: GitServer;
 let srv: TestServer;
 let base: string;
+let authFile: string;
 
 async function waitBuild(id: string, timeoutMs = 120_000): Promise<any> {
   const deadline = Date.now() + timeoutMs;
@@ -59,6 +60,7 @@ describe('image builds', { skip }, () => {
     });
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cw-build-auth-'));
     const auth = path.join(dir, 'auth.json');
+    authFile = auth;
     fs.writeFileSync(auth, JSON.stringify({ auths: { [reg.host]: { auth: Buffer.from('builder:builder-pass').toString('base64') } } }));
     srv = await startTestServer({
       CAKEWORK_GITHUB_URL: git.url,
@@ -157,5 +159,25 @@ describe('image builds', { skip }, () => {
       assert.equal(bad.body.error.field, 'files');
     }
     assert.equal((await srv.call('GET', '/v1/image/build/bld_nope')).status, 404);
+  });
+
+  test('a shutdown mid-build leaves the build and its image failed with the reason, also after a restart', async () => {
+    const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'cw-build-restart-'));
+    const a = await startTestServer({ CAKEWORK_INSECURE_REGISTRIES: reg.host, CAKEWORK_BUILD_AUTH_FILE: authFile }, dataDir);
+    const r = await a.call('POST', '/v1/image/build/files', { dockerfile: `FROM ${base}\nRUN ["/bin/sh", "-c", "echo slow; sleep 30"]\n`, files: [] });
+    for (let i = 0; (await a.call('GET', `/v1/image/build/${r.body.buildId}`)).body.status !== 'building' && i < 200; i++) await new Promise((res) => setTimeout(res, 50));
+    await a.close();
+    const b = await startTestServer({ CAKEWORK_API_KEY: a.key }, dataDir);
+    try {
+      const build = (await b.call('GET', `/v1/image/build/${r.body.buildId}`)).body;
+      assert.equal(build.status, 'failed');
+      assert.match(build.error, /the server shut down during the build/);
+      const img = (await b.call('GET', `/v1/image/${r.body.imageId}`)).body;
+      assert.equal(img.status, 'failed');
+      assert.match(img.error, /shut down during the build/);
+    } finally {
+      await b.close();
+      fs.rmSync(dataDir, { recursive: true, force: true });
+    }
   });
 });

@@ -10,6 +10,7 @@ import { startTestServer, type TestServer } from './helpers/server.js';
 
 const { CakeworkApiClient, CakeworkApi } = sdk;
 const vmSkip = process.getuid?.() !== 0 ? 'VMs need root' : !fs.existsSync('/var/cache/cakework-kernel/vmlinux') ? 'the guest kernel is not built' : false;
+const buildSkip = process.getuid?.() !== 0 ? 'builds need root' : false;
 let reg: TestRegistry;
 let srv: TestServer;
 
@@ -75,3 +76,25 @@ test('cacheVm, startCachedVm, stopCachedVm, getCachedVmLogs and destroyCachedVm 
   await client.destroyCachedVm(cached.id);
   assert.equal((await srv.call('GET', `/v1/vm/cached/${cached.id}`)).body.state, 'destroyed');
 });
+
+test('buildImageFromFiles, getBuild and getBuildLogs through the SDK', { skip: buildSkip }, async () => {
+  const client = new CakeworkApiClient({ environment: srv.url, xApiKey: srv.key });
+  const build = await client.buildImageFromFiles({
+    dockerfile: 'FROM scratch\nCOPY . /data/\n',
+    files: [{ dir: '.', name: 'hello.txt', content: 'hello\n' }],
+  });
+  assert.match(build.buildId, /^bld_/);
+  assert.equal(build.status, 'created');
+  assert.ok(build.createdAt instanceof Date);
+  let got = await client.getBuild(build.buildId);
+  for (let i = 0; got.status !== 'succeeded' && got.status !== 'failed' && i < 600; i++) {
+    await new Promise((r) => setTimeout(r, 100));
+    got = await client.getBuild(build.buildId);
+  }
+  assert.equal(got.status, 'succeeded');
+  assert.equal(got.imageId, build.imageId);
+  const logs = await client.getBuildLogs(build.buildId, { batch: 100 });
+  assert.ok(logs.lines.some((l) => /^STEP 2\/2: COPY/.test(l.message)));
+  await assert.rejects(client.getBuild('bld_nope'), CakeworkApi.DoesNotExistError);
+});
+
