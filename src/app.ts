@@ -41,6 +41,7 @@ export async function startServer(config: Config, logger: Logger = makeLogger(co
   const vms = new VmService(store, images, logs, config, logger);
   await vms.init();
   const builds = new BuildService(store, images, logs, config, logger);
+  await builds.init(vms.unavailable ? null : vms.network);
   const app = await buildApi({ store, images, vms, builds, logs, logger, config });
   await app.listen({ port: config.port, host: config.host });
   const addr = app.server.address();
@@ -54,9 +55,9 @@ export async function startServer(config: Config, logger: Logger = makeLogger(co
     url: `http://${host}:${port}`,
     close() {
       closing ??= (async () => {
+        await builds.shutdown();
         await vms.shutdown();
         await app.close();
-        await builds.shutdown();
         await images.shutdown();
         logs.flush();
         store.close();

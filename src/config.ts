@@ -32,6 +32,8 @@ export interface Config {
   githubUrl: string;
   /** registry credentials for FROM, in containers-auth.json format */
   buildAuthFile: string | undefined;
+  /** nameserver for RUN steps (default: the host's first non-loopback one) */
+  buildDns: string | undefined;
   memoryOvercommit: number;
   cpuOvercommit: number;
   maxVmsPerAccount: number;
@@ -106,6 +108,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     buildCpus: intVar(env, 'CAKEWORK_BUILD_CPUS', 2, 1, 256),
     githubUrl: env.CAKEWORK_GITHUB_URL || 'https://github.com',
     buildAuthFile: env.CAKEWORK_BUILD_AUTH_FILE || undefined,
+    buildDns: env.CAKEWORK_BUILD_DNS || undefined,
     memoryOvercommit: numVar(env, 'CAKEWORK_MEMORY_OVERCOMMIT', 1.5, 0.1, 100),
     cpuOvercommit: numVar(env, 'CAKEWORK_CPU_OVERCOMMIT', 4, 0.1, 1000),
     maxVmsPerAccount: intVar(env, 'CAKEWORK_MAX_VMS_PER_ACCOUNT', 20, 1, 100_000),

@@ -6,6 +6,7 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { startGitServer, type GitServer } from './helpers/git.js';
 import { request, waitFor200 } from './helpers/http.js';
+import { startOutsideHost } from './helpers/netns.js';
 import { busyboxConfig, busyboxLayer, pushImage, startRegistry, type TestRegistry } from './helpers/registry.js';
 import { startTestServer, type TestServer } from './helpers/server.js';
 
@@ -125,14 +126,24 @@ describe('image builds', { skip }, () => {
     }
   });
 
-  test('a RUN step cannot reach the host or the network', async () => {
-    const probe = `FROM ${base}\nRUN ["/bin/sh", "-c", "if echo x | nc -w 2 ${reg.host.replace(':', ' ')} ; then echo reached-host; else echo no-host; fi; ip addr | grep -c inet"]\n`;
-    const r = await srv.call('POST', '/v1/image/build/files', { dockerfile: probe, files: [] });
+  test('a RUN step reaches outside hosts but not the host, its services or the API', async (t) => {
+    const outside = startOutsideHost('198.19.78.2', '198.19.78.1');
+    t.after(() => outside.stop());
+    const [regHost, regPort] = reg.host.split(':');
+    const apiPort = new URL(srv.url).port;
+    const probe = (label: string, host: string, port: string | number) =>
+      `if printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 ${host} ${port} | head -c 100 | grep -q .; then echo ${label}=reached; else echo ${label}=blocked; fi`;
+    const script = [
+      probe('outside', '198.19.78.2', 80),
+      probe('registry_loopback', regHost!, regPort!),
+      probe('api_via_gateway', '$(ip route | sed -n "s/^default via \\([0-9.]*\\).*/\\1/p")', apiPort),
+      probe('registry_via_gateway', '$(ip route | sed -n "s/^default via \\([0-9.]*\\).*/\\1/p")', regPort!),
+    ].join('; ');
+    const r = await srv.call('POST', '/v1/image/build/files', { dockerfile: `FROM ${base}\nRUN ["/bin/sh", "-c", ${JSON.stringify(script)}]\n`, files: [] });
     const build = await waitBuild(r.body.buildId);
     assert.equal(build.status, 'succeeded', build.error);
-    const out = (await buildLogs(r.body.buildId)).filter((l) => l.level === 'info').map((l) => l.message);
-    assert.ok(out.includes('no-host'), JSON.stringify(out));
-    assert.ok(!out.includes('reached-host'));
+    const out = (await buildLogs(r.body.buildId)).filter((l) => l.level === 'info' && /=(reached|blocked)$/.test(l.message)).map((l) => l.message);
+    assert.deepEqual(out, ['outside=reached', 'registry_loopback=blocked', 'api_via_gateway=blocked', 'registry_via_gateway=blocked']);
   });
 
   test('a build from files; path escapes and oversize input are refused with a 400 naming files', async () => {

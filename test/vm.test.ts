@@ -5,6 +5,7 @@ import net from 'node:net';
 import { after, before, describe, test } from 'node:test';
 import { HostNetwork } from '../src/vms/network.js';
 import { request, waitFor200 } from './helpers/http.js';
+import { startOutsideHost } from './helpers/netns.js';
 import { busyboxConfig, busyboxLayer, startRegistry, type Layer, type TestRegistry } from './helpers/registry.js';
 import { startTestServer, type TestServer } from './helpers/server.js';
 import { importImage, isOver, logLines, waitForLog, waitForVm } from './helpers/vm.js';
@@ -176,32 +177,9 @@ describe('microVMs', { skip }, () => {
   });
 
   test('a VM reaches outside hosts but not the host services, loopback or other VMs', async (t) => {
-    const ns = `tnet${crypto.randomBytes(3).toString('hex')}`;
-    const { execFileSync } = await import('node:child_process');
-    const ip = (...args: string[]) => execFileSync('ip', args, { timeout: 10_000 });
     // An "outside" host of the test's own: a network namespace with busybox httpd on 198.19.77.2.
-    ip('netns', 'add', ns);
-    t.after(() => {
-      try {
-        execFileSync('ip', ['netns', 'pids', ns]).toString().split('\n').filter(Boolean).forEach((p) => process.kill(Number(p), 'SIGKILL'));
-      } catch {
-        /* none */
-      }
-      execFileSync('ip', ['link', 'del', `${ns}a`], { stdio: 'ignore' });
-      execFileSync('ip', ['netns', 'del', ns]);
-    });
-    ip('link', 'add', `${ns}a`, 'type', 'veth', 'peer', 'name', `${ns}b`);
-    ip('link', 'set', `${ns}b`, 'netns', ns);
-    ip('addr', 'add', '198.19.77.1/24', 'dev', `${ns}a`);
-    ip('link', 'set', `${ns}a`, 'up');
-    ip('-n', ns, 'addr', 'add', '198.19.77.2/24', 'dev', `${ns}b`);
-    ip('-n', ns, 'link', 'set', `${ns}b`, 'up');
-    ip('-n', ns, 'link', 'set', 'lo', 'up');
-    fs.mkdirSync(`/tmp/${ns}`, { recursive: true });
-    fs.writeFileSync(`/tmp/${ns}/index.html`, 'outside\n');
-    const { spawn } = await import('node:child_process');
-    const outside = spawn('ip', ['netns', 'exec', ns, 'busybox', 'httpd', '-f', '-p', '80', '-h', `/tmp/${ns}`], { stdio: 'ignore' });
-    t.after(() => outside.kill('SIGKILL'));
+    const outside = startOutsideHost('198.19.77.2', '198.19.77.1');
+    t.after(() => outside.stop());
 
     // Another tenant's VM to aim at.
     const other = await srv.call('POST', '/v1/vm/start', { imageId: httpd, waitForPort: true });

@@ -8,7 +8,9 @@ import type { BuildRecord, Store } from '../store/store.js';
 import { run } from '../util/exec.js';
 import { newId } from '../util/ids.js';
 import { Semaphore } from '../util/semaphore.js';
+import type { HostNetwork } from '../vms/network.js';
 import { BuildInputError, cloneBranch, writeFiles, type BuildFile } from './context.js';
+import { BuildNetwork, upstreamDns } from './network.js';
 
 const SHUTDOWN = 'shutdown';
 const TIMEOUT = 'timeout';
@@ -33,6 +35,7 @@ export class BuildService {
   private readonly workDir: string;
   private readonly running = new Map<string, AbortController>();
   private readonly settled = new Set<Promise<void>>();
+  private network: BuildNetwork | null = null;
 
   constructor(
     private readonly store: Store,
@@ -49,6 +52,25 @@ export class BuildService {
     for (const b of store.failInterruptedBuilds(reason)) {
       this.images.fail(b.imageId, `build ${b.id} failed: ${reason}`);
       this.logs.append(b.id, 'platform', `failed: ${reason}`);
+    }
+  }
+
+  /**
+   * Gives RUN steps a network of their own (outside reachable, host and VMs not) when the VM
+   * networking is up; otherwise they run with no network at all.
+   */
+  async init(hostNetwork: HostNetwork | null): Promise<void> {
+    if (!hostNetwork) {
+      this.log.warn('builds: RUN steps get no network (VM networking is not available)');
+      return;
+    }
+    const net = new BuildNetwork(hostNetwork);
+    try {
+      await net.init();
+      this.network = net;
+    } catch (err) {
+      await net.teardown();
+      this.log.error({ err }, 'builds: cannot set up the build network; RUN steps get no network');
     }
   }
 
@@ -147,13 +169,15 @@ export class BuildService {
   }
 
   private buildArgs(dockerfile: string, context: string, tag: string): string[] {
+    const dns = this.config.buildDns ?? upstreamDns();
     return [
       'build',
-      // RUN steps: own namespaces through runc (crun cannot run on hybrid cgroup hosts), no network
-      // at all (so neither the host's services nor the API), bounded memory and CPU.
+      // RUN steps: own namespaces through runc (crun cannot run on hybrid cgroup hosts), the build
+      // network (or none), bounded memory and CPU.
       '--isolation', 'oci',
       '--runtime', 'runc',
-      '--network', 'none',
+      '--network', this.network?.buildahNetwork ?? 'none',
+      ...(this.network && dns ? ['--dns', dns] : []),
       '--memory', `${this.config.buildMemoryMb}m`,
       '--cpu-period', '100000',
       '--cpu-quota', String(this.config.buildCpus * 100000),
@@ -176,6 +200,7 @@ export class BuildService {
   async shutdown(): Promise<void> {
     for (const c of this.running.values()) c.abort(SHUTDOWN);
     await Promise.allSettled([...this.settled]);
+    await this.network?.teardown();
   }
 }
 

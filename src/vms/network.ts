@@ -40,7 +40,8 @@ export class HostNetwork {
   private next = 0;
 
   /** `subnet` like 10.213.0.0/16: the VMs' private range on this host (never routed off it). */
-  private readonly tapPrefix: string;
+  /** every interface of this instance starts with it (VM taps add the slot number) */
+  readonly tapPrefix: string;
   private readonly table: string;
 
   /**
@@ -107,6 +108,13 @@ table inet ${this.table} {
   /** Removes this instance's nftables table (for a throw-away instance such as a benchmark's). */
   async teardown(): Promise<void> {
     await run('nft', ['delete', 'table', 'inet', this.table], { timeoutMs: 10_000 }).catch(() => undefined);
+  }
+
+  /** Takes the last slot for the build network (it is never handed to a VM). */
+  reserveLast(): Link {
+    const slot = this.slots - 1;
+    this.used.add(slot);
+    return this.link(slot);
   }
 
   /** Marks a slot used by a VM found at start-up (adopted). */
