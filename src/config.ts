@@ -24,7 +24,8 @@ export interface Config {
   imageWaitMs: number;
   portWaitMs: number;
   cacheTimeoutMs: number;
-  prepareRestores: boolean;
+  /** off: spawn at start; on: a paused QEMU waits for the snapshot; warm: restored, warmed up, paused */
+  prepareRestores: 'off' | 'on' | 'warm';
   buildConcurrency: number;
   buildTimeoutMs: number;
   buildMemoryMb: number;
@@ -69,6 +70,12 @@ function unpackDir(env: NodeJS.ProcessEnv, dataDir: string): string | null {
   return `/dev/shm/cakework-unpack-${tag}`;
 }
 
+function prepareMode(v: string | undefined): 'off' | 'on' | 'warm' {
+  if (v === undefined || v === '') return 'warm';
+  if (v === 'off' || v === 'on' || v === 'warm') return v;
+  throw new Error(`CAKEWORK_PREPARE_RESTORES must be "off", "on" or "warm", got "${v}"`);
+}
+
 function shutdownMode(v: string | undefined): 'stop' | 'keep' {
   if (v === undefined || v === '' || v === 'stop') return 'stop';
   if (v === 'keep') return 'keep';
@@ -101,7 +108,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     imageWaitMs: intVar(env, 'CAKEWORK_IMAGE_WAIT_MS', 60_000, 0, 3_600_000),
     portWaitMs: intVar(env, 'CAKEWORK_PORT_WAIT_MS', 30_000, 0, 600_000),
     cacheTimeoutMs: intVar(env, 'CAKEWORK_CACHE_TIMEOUT_MS', 60_000, 100, 3_600_000),
-    prepareRestores: (env.CAKEWORK_PREPARE_RESTORES ?? 'on') !== 'off',
+    prepareRestores: prepareMode(env.CAKEWORK_PREPARE_RESTORES),
     buildConcurrency: intVar(env, 'CAKEWORK_BUILD_CONCURRENCY', 1, 1, 64),
     buildTimeoutMs: intVar(env, 'CAKEWORK_BUILD_TIMEOUT_MS', 1_800_000, 1000, 86_400_000),
     buildMemoryMb: intVar(env, 'CAKEWORK_BUILD_MEMORY_MB', 2048, 64, 1_048_576),

@@ -32,11 +32,18 @@ interface Running {
   lastRequest: number;
 }
 
-/** A paused QEMU already waiting for the snapshot (-incoming defer), with its disk copy and tap. */
+/**
+ * The next run of a stopped cached VM, made ahead: its disk copy, its tap and a paused QEMU, either
+ * waiting for the snapshot (-incoming defer) or, when `warm`, with the snapshot loaded, run once
+ * against one request (so TCG has translated the app's request path) and paused again.
+ */
 interface Prepared {
   machine: Machine;
   link: Link;
   runDir: string;
+  warm: boolean;
+  /** output of the warm-up is not the user's: lines are dropped until the run starts */
+  gate: { open: boolean };
 }
 
 const SNAPSHOT = { ram: 'ram', state: 'state', disk: 'scratch.ext4' } as const;
@@ -89,8 +96,8 @@ export class CachedVmService {
    * of host memory per stopped cached VM.
    */
   private prepare(vm: VmRecord): void {
-    if (this.closing || !this.config.prepareRestores || this.prepared.has(vm.id) || this.vms.unavailable) return;
-    const p = this.launchForRestore(vm).then(
+    if (this.closing || this.config.prepareRestores === 'off' || this.prepared.has(vm.id) || this.vms.unavailable) return;
+    const p = this.launchForRestore(vm, this.config.prepareRestores === 'warm').then(
       (prep) => {
         void prep.machine.exited.then(() => {
           if (this.prepared.get(vm.id) === p) this.prepared.delete(vm.id);
@@ -129,7 +136,7 @@ export class CachedVmService {
     this.removeRunDir(prep.runDir);
   }
 
-  private async launchForRestore(vm: VmRecord): Promise<Prepared> {
+  private async launchForRestore(vm: VmRecord, warm: boolean): Promise<Prepared> {
     const image = this.store.getImageById(vm.imageId);
     if (!image?.rootfsPath || !fs.existsSync(image.rootfsPath)) throw new VmError(409, `the image disk of cached VM ${vm.id} is gone`);
     const link = this.vms.network.link(vm.slot!);
@@ -140,8 +147,20 @@ export class CachedVmService {
       const disk = path.join(runDir, SNAPSHOT.disk);
       await copySparse(path.join(vm.snapshotDir!, SNAPSHOT.disk), disk);
       await this.vms.network.createTap(link);
-      const machine = await Machine.launch(this.spec(vm, image.rootfsPath, disk, link, runDir, false), null, this.hooks(vm.id));
-      return { machine, link, runDir };
+      const gate = { open: !warm };
+      const machine = await Machine.launch(this.spec(vm, image.rootfsPath, disk, link, runDir, false), null, this.hooks(vm.id, gate));
+      if (warm) {
+        try {
+          await machine.load(path.join(vm.snapshotDir!, SNAPSHOT.state));
+          await machine.resume();
+          await warmUp(link.guestIp, vm.port);
+          await machine.pause();
+        } catch (err) {
+          machine.kill();
+          throw err;
+        }
+      }
+      return { machine, link, runDir, warm, gate };
     } catch (err) {
       await this.vms.network.removeTap(link);
       this.removeRunDir(runDir);
@@ -178,8 +197,12 @@ export class CachedVmService {
     this.idleTimer.unref();
   }
 
-  private hooks(id: string) {
-    return { output: (level: 'info' | 'error', line: string) => this.logs.append(id, level, line) };
+  private hooks(id: string, gate: { open: boolean } = { open: true }) {
+    return {
+      output: (level: 'info' | 'error', line: string) => {
+        if (gate.open) this.logs.append(id, level, line);
+      },
+    };
   }
 
   get(accountId: string, id: string): VmRecord | null {
@@ -316,9 +339,11 @@ export class CachedVmService {
     this.store.updateVm(vm.id, { state: 'starting', runs: run, runDir: path.join(this.vmsDir, vm.id), exitCode: null, error: null });
     let prep: Prepared | null = null;
     try {
-      prep = (await this.takePrepared(vm.id)) ?? (await this.launchForRestore(vm));
-      this.logs.append(vm.id, 'platform', `run ${run}: starting from the snapshot`);
-      await prep.machine.restore(path.join(vm.snapshotDir!, SNAPSHOT.state));
+      prep = (await this.takePrepared(vm.id)) ?? (await this.launchForRestore(vm, false));
+      this.logs.append(vm.id, 'platform', `run ${run}: starting from the snapshot${prep.warm ? ' (warm standby)' : ''}`);
+      prep.gate.open = true;
+      if (prep.warm) await prep.machine.resume();
+      else await prep.machine.restore(path.join(vm.snapshotDir!, SNAPSHOT.state));
     } catch (err) {
       if (prep) {
         prep.machine.kill();
@@ -455,6 +480,23 @@ export class CachedVmService {
   private removeRunDir(dir: string | null): void {
     if (dir && dir.startsWith(this.vmsDir + path.sep)) fs.rmSync(dir, { recursive: true, force: true });
   }
+}
+
+/** One request to the app, so the restored guest's request path is translated before a user's comes. */
+async function warmUp(host: string, port: number): Promise<void> {
+  const net = await import('node:net');
+  await new Promise<void>((resolve) => {
+    const s = net.connect({ host, port });
+    const done = (): void => {
+      s.destroy();
+      resolve();
+    };
+    s.setTimeout(3000, done);
+    s.once('connect', () => s.write('GET / HTTP/1.0\r\nHost: cakework-warm-up\r\nUser-Agent: cakework-warm-up\r\n\r\n'));
+    s.on('data', () => undefined);
+    s.once('end', done);
+    s.once('error', done);
+  });
 }
 
 /** Copies a sparse file keeping its holes (and sharing blocks where the filesystem can reflink). */

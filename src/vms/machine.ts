@@ -89,7 +89,8 @@ export function qemuArgs(spec: MachineSpec): string[] {
     spec.ramFile
       ? `memory-backend-file,id=ram,size=${spec.memoryMb}M,mem-path=${spec.ramFile.path},share=${spec.ramFile.shared ? 'on' : 'off'}`
       : `memory-backend-memfd,id=ram,size=${spec.memoryMb}M`,
-    ...(spec.incoming ? ['-incoming', 'defer'] : []),
+    // -S: stay paused after the incoming snapshot is loaded, until we say `cont`
+    ...(spec.incoming ? ['-S', '-incoming', 'defer'] : []),
     '-accel', spec.accel === 'kvm' ? 'kvm' : 'tcg,thread=multi,tb-size=16',
     '-cpu', spec.accel === 'kvm' ? 'host' : 'max',
     '-smp', String(spec.cpu),
@@ -342,16 +343,29 @@ export class Machine {
     await this.exited;
   }
 
-  /** Restore into a QEMU started with `incoming`: load the device state, run, fix clock and RNG. */
-  async restore(stateFile: string): Promise<void> {
+  /** Loads the snapshot's device state into a QEMU started with `incoming`; the VM stays paused. */
+  async load(stateFile: string): Promise<void> {
     await this.qmp!.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
     await this.qmp!.execute('migrate-incoming', { uri: `exec:cat ${shellQuote(stateFile)}` });
     await this.migrationDone(60_000);
+  }
+
+  /** Runs the (restored) guest and fixes what a snapshot freezes: its wall clock and its RNG state. */
+  async resume(): Promise<void> {
     await this.qmp!.execute('cont');
-    // The guest's wall clock is the snapshot's; its RNG state is shared by every restore.
     this.tell(`time ${Date.now()}`);
     this.tell(`seed ${crypto.randomBytes(64).toString('hex')}`);
     this.startedResolve();
+  }
+
+  async pause(): Promise<void> {
+    await this.qmp!.execute('stop');
+  }
+
+  /** Restore into a QEMU started with `incoming`: load the device state, run, fix clock and RNG. */
+  async restore(stateFile: string): Promise<void> {
+    await this.load(stateFile);
+    await this.resume();
   }
 
   /** Sends a command to the guest init (e.g. `time <ms>`). */
