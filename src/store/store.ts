@@ -275,6 +275,10 @@ function keyFromRow(r: KeyRow): ApiKeyRecord {
   };
 }
 
+function ownedBy<T extends { accountId: string }>(r: T | null, accountId: string): T | null {
+  return r && r.accountId === accountId ? r : null;
+}
+
 /** Cursor tokens are opaque to clients: base64url of "createdAt:id", the sort key of the last item. */
 function encodeCursor(createdAt: number, id: string): string {
   return Buffer.from(`${createdAt}:${id}`).toString('base64url');
@@ -385,8 +389,7 @@ export class Store {
 
   /** An image as its owner sees it; another account's image is indistinguishable from a missing one. */
   getImage(accountId: string, id: string): ImageRecord | null {
-    const img = this.getImageById(id);
-    return img && img.accountId === accountId ? img : null;
+    return ownedBy(this.getImageById(id), accountId);
   }
 
   listImages(accountId: string, limit: number, cursor: { createdAt: number; id: string } | null): Page<ImageRecord> {
@@ -460,9 +463,9 @@ export class Store {
 
   private readonly stmtVmById = this.lazy('SELECT * FROM vms WHERE id = ?');
 
+  /** A VM as its owner sees it; another account's is indistinguishable from a missing one. */
   getVm(accountId: string, id: string): VmRecord | null {
-    const vm = this.getVmById(id);
-    return vm && vm.accountId === accountId ? vm : null;
+    return ownedBy(this.getVmById(id), accountId);
   }
 
   listVms(
