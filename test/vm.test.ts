@@ -194,13 +194,16 @@ describe('microVMs', { skip }, () => {
       probe('api_via_gateway', '$(ip route | sed -n "s/^default via \\([0-9.]*\\).*/\\1/p")', apiPort),
       probe('other_vm', otherIp, 8080),
       probe('loopback_api', '127.0.0.1', apiPort),
+      // last: take the other VM's address and send to the outside host from it
+      `ip addr add ${otherIp}/32 dev eth0; ip route add 198.19.77.2/32 via $(ip route | sed -n "s/^default via \\([0-9.]*\\).*/\\1/p") src ${otherIp}`,
+      probe('outside_spoofed', '198.19.77.2', 80),
     ].join('; ');
     const image = await importImage(srv, reg, 'vmtest/probe', 'v1', { layers: [layer], config: sh(script) });
     const r = await srv.call('POST', '/v1/vm/start', { imageId: image });
     assert.equal(r.status, 200);
     await waitForVm(srv, r.body.id, isOver);
     const out = (await logLines(srv, r.body.id)).filter((l) => l.level === 'info').map((l) => l.message);
-    assert.deepEqual(out, ['outside=reached', 'api_via_gateway=blocked', 'other_vm=blocked', 'loopback_api=blocked'], JSON.stringify(await logLines(srv, r.body.id)));
+    assert.deepEqual(out, ['outside=reached', 'api_via_gateway=blocked', 'other_vm=blocked', 'loopback_api=blocked', 'outside_spoofed=blocked'], JSON.stringify(await logLines(srv, r.body.id)));
     // the other VM itself still serves its endpoint: it was the network path that was closed
     assert.equal((await waitFor200(srv.url, other.body.hostname, '/index.html')).status, 200);
     await srv.call('POST', `/v1/vm/${other.body.id}/stop`);

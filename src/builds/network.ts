@@ -13,7 +13,7 @@ export class BuildNetwork {
   private readonly hostEnd: string;
   private readonly link: Link;
 
-  constructor(network: HostNetwork) {
+  constructor(private readonly network: HostNetwork) {
     this.link = network.reserveLast();
     this.hostEnd = `${network.tapPrefix}b`;
     this.netns = `cakework-build-${network.tapPrefix}`;
@@ -37,6 +37,7 @@ export class BuildNetwork {
     await ip(['-n', this.netns, 'link', 'set', peer, 'up']);
     await ip(['-n', this.netns, 'link', 'set', 'lo', 'up']);
     await ip(['-n', this.netns, 'route', 'add', 'default', 'via', this.link.hostIp]);
+    await this.network.allowSource(this.hostEnd, this.link.guestIp);
   }
 
   async teardown(): Promise<void> {

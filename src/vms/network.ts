@@ -6,8 +6,8 @@ import { run } from '../util/exec.js';
  * own /30 inside the VM subnet (host .1, guest .2). nftables rules make every VM reach outside
  * addresses (masqueraded) but never the host itself (the API, loopback services, anything addressed
  * to the host) and never another VM; the host can still open connections into a VM (the endpoint
- * proxy), whose replies are let back in as established traffic. Packets with a source outside the
- * VM subnet, and IPv6, are not forwarded (a guest is root in its VM and can set any address).
+ * proxy), whose replies are let back in as established traffic. A tap forwards only packets from
+ * its own guest's address (a guest is root in its VM and can set any address), and no IPv6.
  */
 
 /** Every tap of every server on this host starts with this, so no VM can talk to another's VMs. */
@@ -76,6 +76,9 @@ export class HostNetwork {
     await run('nft', ['delete', 'table', 'inet', this.table], { timeoutMs: 10_000 }).catch(() => undefined);
     const rules = `
 table inet ${this.table} {
+  set vm_sources {
+    type ifname . ipv4_addr
+  }
   chain input {
     type filter hook input priority -10; policy accept;
     iifname "${this.tapPrefix}*" ct state established,related accept
@@ -83,7 +86,7 @@ table inet ${this.table} {
   }
   chain forward {
     type filter hook forward priority -10; policy accept;
-    iifname "${this.tapPrefix}*" ip saddr != ${this.subnet} drop
+    iifname "${this.tapPrefix}*" iifname . ip saddr != @vm_sources drop
     iifname "${this.tapPrefix}*" meta nfproto ipv6 drop
     iifname "${ALL_TAPS}*" oifname "${ALL_TAPS}*" drop
     oifname "${this.tapPrefix}*" ct state established,related accept
@@ -158,10 +161,21 @@ table inet ${this.table} {
         '',
       ].join('\n'),
     });
+    await this.allowSource(link.tap, link.guestIp);
   }
 
   async removeTap(link: Link): Promise<void> {
     await run('ip', ['link', 'del', link.tap], { timeoutMs: 10_000 }).catch(() => undefined);
+    await this.forbidSource(link.tap, link.guestIp);
+  }
+
+  /** Only `ip` may be the source of what arrives on `iface` (a guest is root and can set any address). */
+  async allowSource(iface: string, ip: string): Promise<void> {
+    await run('nft', ['add', 'element', 'inet', this.table, 'vm_sources', `{ "${iface}" . ${ip} }`], { timeoutMs: 10_000 });
+  }
+
+  private async forbidSource(iface: string, ip: string): Promise<void> {
+    await run('nft', ['delete', 'element', 'inet', this.table, 'vm_sources', `{ "${iface}" . ${ip} }`], { timeoutMs: 10_000 }).catch(() => undefined);
   }
 
   /** Taps of ours that no live VM owns (left by a crash) are deleted. */
