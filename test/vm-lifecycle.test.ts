@@ -106,6 +106,30 @@ describe('VM lifecycle across restarts and limits', { skip }, () => {
     }
   });
 
+  test('CAKEWORK_ON_SHUTDOWN=keep: a graceful stop leaves VMs running and the next start adopts them', async () => {
+    const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'cw-keep-'));
+    const env = { CAKEWORK_API_KEY: 'cw_keep_test_key', CAKEWORK_VM_SUBNET: '198.18.128.0/17', CAKEWORK_ON_SHUTDOWN: 'keep' };
+    let server = await startServerProcess(env, dataDir);
+    const api = (): Caller => ({ call: (m, u, b, k = env.CAKEWORK_API_KEY) => apiCall(server.url, k, m, u, b) });
+    try {
+      const imp = await api().call('POST', '/v1/image/import', { imageUri: `${reg.host}/life/ticker:v1`, password: 'life-pass' });
+      while ((await api().call('GET', `/v1/image/${imp.body.imageId}`)).body.status === 'importing') await new Promise((r) => setTimeout(r, 50));
+      const vm = (await api().call('POST', '/v1/vm/start', { imageId: imp.body.imageId, waitForPort: true })).body;
+      await server.stop();
+      assert.equal(qemuPids(`${dataDir}/vms/${vm.id}/`).length, 1, 'the VM outlives a graceful stop');
+      server = await startServerProcess(env, dataDir);
+      assert.equal((await api().call('GET', `/v1/vm/${vm.id}`)).body.state, 'started');
+      assert.equal((await waitFor200(server.url, vm.hostname, '/index.html')).status, 200);
+      assert.equal((await api().call('POST', `/v1/vm/${vm.id}/stop`)).body.state, 'stopped');
+      await server.stop();
+      assert.ok(!execFileSync('nft', ['list', 'tables']).toString().includes(`cakework_${instanceTag(dataDir)}`), 'nothing kept: the firewall table goes');
+    } finally {
+      await server.stop();
+      for (const pid of qemuPids(`${dataDir}/vms/`)) process.kill(pid, 'SIGKILL');
+      fs.rmSync(dataDir, { recursive: true, force: true });
+    }
+  });
+
   test('a graceful shutdown stops running VMs; none is left running and none claims to run', async () => {
     const srv = await startTestServer({ CAKEWORK_VM_SUBNET: '198.18.0.0/17' });
     const image = await importImage(srv, reg, 'life/ticker2', 'v1', { layers: [layer], config: ticker });

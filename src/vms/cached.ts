@@ -464,17 +464,22 @@ export class CachedVmService {
     return { ramBytes: used(SNAPSHOT.ram), stateBytes: used(SNAPSHOT.state), diskBytes: used(SNAPSHOT.disk) };
   }
 
-  /** Prepared restores always go (a restart prepares again); running cached VMs stop or are kept. */
-  async shutdown(): Promise<void> {
+  /**
+   * Prepared restores always go (a restart prepares again); running cached VMs stop or, with
+   * CAKEWORK_ON_SHUTDOWN=keep, keep running. Returns how many were kept.
+   */
+  async shutdown(): Promise<number> {
     this.closing = true;
     if (this.idleTimer) clearInterval(this.idleTimer);
-    if (this.config.onShutdown === 'keep') {
+    const kept = this.config.onShutdown === 'keep' ? this.running.size : 0;
+    if (kept > 0) {
       for (const e of this.running.values()) e.machine.detach();
       this.running.clear();
     } else {
       await Promise.allSettled([...this.running.entries()].map(([id, e]) => this.stopEntry(id, e, 'stopping: the server is shutting down')));
     }
     await Promise.allSettled([...this.prepared.keys()].map((id) => this.dropPrepared(id)));
+    return kept;
   }
 
   private removeRunDir(dir: string | null): void {

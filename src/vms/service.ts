@@ -384,10 +384,12 @@ export class VmService {
 
   /** Graceful shutdown: stop every VM (or, with CAKEWORK_ON_SHUTDOWN=keep, leave them for adoption). */
   async shutdown(): Promise<void> {
-    await this.cached.shutdown();
-    if (this.config.onShutdown === 'keep') {
+    const keptCached = await this.cached.shutdown();
+    if (this.config.onShutdown === 'keep' && (this.live.size > 0 || keptCached > 0)) {
+      // VMs keep running, so their taps and firewall rules must stay for the next start to adopt.
       for (const entry of this.live.values()) entry.machine.detach();
       this.live.clear();
+      this.logs.flush();
       return;
     }
     await Promise.allSettled(
