@@ -37,7 +37,7 @@ export async function startServer(config: Config, logger: Logger = makeLogger(co
     else logger.info({ accountId: r.accountId, created: r.created }, 'CAKEWORK_API_KEY is ready');
   }
   const images = new ImageService(store, config, logger);
-  const logs = new LogService(store);
+  const logs = new LogService(store, config.logRetentionDays);
   const vms = new VmService(store, images, logs, config, logger);
   await vms.init();
   const builds = new BuildService(store, images, logs, config, logger);
@@ -59,7 +59,7 @@ export async function startServer(config: Config, logger: Logger = makeLogger(co
         await vms.shutdown();
         await app.close();
         await images.shutdown();
-        logs.flush();
+        logs.close();
         store.close();
       })();
       return closing;

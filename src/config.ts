@@ -35,6 +35,7 @@ export interface Config {
   buildAuthFile: string | undefined;
   /** nameserver for RUN steps (default: the host's first non-loopback one) */
   buildDns: string | undefined;
+  logRetentionDays: number;
   memoryOvercommit: number;
   cpuOvercommit: number;
   maxVmsPerAccount: number;
@@ -116,6 +117,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     githubUrl: env.CAKEWORK_GITHUB_URL || 'https://github.com',
     buildAuthFile: env.CAKEWORK_BUILD_AUTH_FILE || undefined,
     buildDns: env.CAKEWORK_BUILD_DNS || undefined,
+    logRetentionDays: intVar(env, 'CAKEWORK_LOG_RETENTION_DAYS', 30, 0, 36_500),
     memoryOvercommit: numVar(env, 'CAKEWORK_MEMORY_OVERCOMMIT', 1.5, 0.1, 100),
     cpuOvercommit: numVar(env, 'CAKEWORK_CPU_OVERCOMMIT', 4, 0.1, 1000),
     maxVmsPerAccount: intVar(env, 'CAKEWORK_MAX_VMS_PER_ACCOUNT', 20, 1, 100_000),

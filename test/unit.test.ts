@@ -121,3 +121,29 @@ test('pagination cursors round-trip and reject foreign tokens', () => {
   assert.equal(decodeCursor('garbage!!'), null);
   assert.equal(decodeCursor(Buffer.from("1:x' OR 1=1").toString('base64url')), null);
 });
+
+test('log retention deletes lines older than the configured days, and only those', async () => {
+  const fs = await import('node:fs');
+  const os = await import('node:os');
+  const path = await import('node:path');
+  const { Store } = await import('../src/store/store.js');
+  const { LogService } = await import('../src/logs/service.js');
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cw-logs-'));
+  const store = new Store(path.join(dir, 'db.sqlite'));
+  try {
+    const now = Date.now();
+    store.appendLogs([
+      { ownerId: 'vm1', ts: now - 40 * 86_400_000, level: 'info', message: 'old' },
+      { ownerId: 'vm1', ts: now - 1000, level: 'info', message: 'new' },
+    ]);
+    const logs = new LogService(store, 30); // prunes at start
+    assert.deepEqual(logs.query('vm1', { order: 'oldest_first', limit: 10 }).map((l) => l.message), ['new']);
+    logs.close();
+    const keepAll = new LogService(store, 0);
+    assert.equal(keepAll.prune(now + 400 * 86_400_000), 0, 'retention 0 keeps everything');
+    keepAll.close();
+  } finally {
+    store.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -13,8 +13,28 @@ export class LogService {
   private timer: NodeJS.Timeout | null = null;
   private readonly bus = new EventEmitter();
 
-  constructor(private readonly store: Store) {
+  private readonly pruneTimer: NodeJS.Timeout | null = null;
+
+  /** `retentionDays`: lines older than that are deleted, at start and then hourly (0 keeps all). */
+  constructor(
+    private readonly store: Store,
+    private readonly retentionDays = 0,
+  ) {
     this.bus.setMaxListeners(0);
+    if (retentionDays > 0) {
+      this.prune();
+      this.pruneTimer = setInterval(() => this.prune(), 3_600_000);
+      this.pruneTimer.unref();
+    }
+  }
+
+  prune(now = Date.now()): number {
+    return this.retentionDays > 0 ? this.store.deleteLogsBefore(now - this.retentionDays * 86_400_000) : 0;
+  }
+
+  close(): void {
+    if (this.pruneTimer) clearInterval(this.pruneTimer);
+    this.flush();
   }
 
   append(ownerId: string, level: LogLevel, message: string, ts = Date.now()): void {

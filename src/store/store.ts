@@ -537,6 +537,11 @@ export class Store {
     return this.db.transaction(() => lines.map((l) => Number(stmt.run(l.ownerId, l.ts, l.level, l.message).lastInsertRowid)))();
   }
 
+  /** Deletes log lines older than `ts`; returns how many. */
+  deleteLogsBefore(ts: number): number {
+    return this.db.prepare('DELETE FROM log_lines WHERE ts < ?').run(ts).changes;
+  }
+
   queryLogs(ownerId: string, q: LogQuery): LogLine[] {
     const where = ['owner_id = @ownerId'];
     if (q.query) where.push("message LIKE @like ESCAPE '\\'");
