@@ -1,4 +1,5 @@
 import type { FastifyError, FastifyReply, FastifyRequest } from 'fastify';
+import { ServiceError } from '../util/errors.js';
 
 /** An error with an HTTP status that is safe to show to the client as is. */
 export class ApiError extends Error {
@@ -75,12 +76,24 @@ export function describeValidation(v: AjvError, context: string | undefined): { 
   return { field, message };
 }
 
+const SERVICE_CODES: Record<ServiceError['status'], string> = {
+  400: 'invalid_request',
+  404: 'not_found',
+  409: 'conflict',
+  429: 'unavailable',
+  501: 'not_implemented',
+  503: 'unavailable',
+};
+
 export function errorHandler(err: FastifyError, req: FastifyRequest, reply: FastifyReply): void {
   let status = 500;
   let body: ErrorBody;
   if (err instanceof ApiError) {
     status = err.statusCode;
     body = { error: { code: err.code, message: err.message, ...(err.field ? { field: err.field } : {}) } };
+  } else if (err instanceof ServiceError) {
+    status = err.status;
+    body = { error: { code: SERVICE_CODES[err.status], message: err.message, ...(err.field ? { field: err.field } : {}) } };
   } else if (err.validation && err.validation.length > 0) {
     status = 400;
     const { field, message } = describeValidation(err.validation[0] as AjvError, err.validationContext);

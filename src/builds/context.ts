@@ -1,16 +1,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
+import { ServiceError } from '../util/errors.js';
 import { run } from '../util/exec.js';
-
-/** A request the caller must fix; the API answers 400 naming `field`. */
-export class BuildInputError extends Error {
-  constructor(
-    readonly field: string,
-    message: string,
-  ) {
-    super(message);
-  }
-}
 
 export interface BuildFile {
   dir: string;
@@ -29,17 +20,17 @@ export function checkFiles(files: BuildFile[]): string[] {
   const seen = new Set<string>();
   return files.map((f, i) => {
     const where = `files[${i}]`;
-    if (f.dir.includes('\0') || f.name.includes('\0')) throw new BuildInputError('files', `${where} contains a NUL byte`);
+    if (f.dir.includes('\0') || f.name.includes('\0')) throw new ServiceError(400, `${where} contains a NUL byte`, 'files');
     if (f.dir.startsWith('/') || f.name.includes('/') || f.name === '.' || f.name === '..') {
-      throw new BuildInputError('files', `${where}: dir must be relative and name a single file name`);
+      throw new ServiceError(400, `${where}: dir must be relative and name a single file name`, 'files');
     }
     const parts = f.dir.split('/').filter((p) => p !== '' && p !== '.');
-    if (parts.includes('..')) throw new BuildInputError('files', `${where}: dir "${f.dir}" leaves the build context`);
+    if (parts.includes('..')) throw new ServiceError(400, `${where}: dir "${f.dir}" leaves the build context`, 'files');
     const rel = [...parts, f.name].join('/');
-    if (seen.has(rel)) throw new BuildInputError('files', `${where}: ${rel} is given twice`);
+    if (seen.has(rel)) throw new ServiceError(400, `${where}: ${rel} is given twice`, 'files');
     seen.add(rel);
     total += Buffer.byteLength(f.content);
-    if (total > MAX_FILES_BYTES) throw new BuildInputError('files', `files add up to more than ${MAX_FILES_BYTES} bytes`);
+    if (total > MAX_FILES_BYTES) throw new ServiceError(400, `files add up to more than ${MAX_FILES_BYTES} bytes`, 'files');
     return rel;
   });
 }
@@ -84,11 +75,11 @@ export async function cloneBranch(
     });
   } catch (err) {
     const msg = (err as Error).message.replaceAll(token, '***').replaceAll(basic, '***');
-    if (/Remote branch .* not found|couldn't find remote ref/i.test(msg)) throw new BuildInputError('branch', `branch "${branch}" does not exist in ${repository}`);
+    if (/Remote branch .* not found|couldn't find remote ref/i.test(msg)) throw new ServiceError(400, `branch "${branch}" does not exist in ${repository}`, 'branch');
     if (/Authentication failed|403|401|could not read Username|terminal prompts disabled/i.test(msg)) {
-      throw new BuildInputError('token', `the token was refused for ${repository}: check the GitHub App installation token and its access to the repository`);
+      throw new ServiceError(400, `the token was refused for ${repository}: check the GitHub App installation token and its access to the repository`, 'token');
     }
-    if (/not found|does not exist|404/i.test(msg)) throw new BuildInputError('repository', `repository ${repository} was not found (or the token cannot see it)`);
+    if (/not found|does not exist|404/i.test(msg)) throw new ServiceError(400, `repository ${repository} was not found (or the token cannot see it)`, 'repository');
     throw new Error(`git clone failed: ${msg}`);
   }
   fs.rmSync(path.join(into, '.git'), { recursive: true, force: true });

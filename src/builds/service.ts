@@ -5,11 +5,12 @@ import type { Config } from '../config.js';
 import type { ImageService } from '../images/service.js';
 import { LineSplitter, type LogService } from '../logs/service.js';
 import type { BuildRecord, Store } from '../store/store.js';
+import { ServiceError } from '../util/errors.js';
 import { run } from '../util/exec.js';
 import { newId } from '../util/ids.js';
 import { Semaphore } from '../util/semaphore.js';
 import type { HostNetwork } from '../vms/network.js';
-import { BuildInputError, cloneBranch, writeFiles, type BuildFile } from './context.js';
+import { cloneBranch, writeFiles, type BuildFile } from './context.js';
 import { BuildNetwork, upstreamDns } from './network.js';
 
 const SHUTDOWN = 'shutdown';
@@ -150,7 +151,7 @@ export class BuildService {
         ? ctl.signal.reason === SHUTDOWN
           ? 'the server shut down during the build; start the build again'
           : `the build did not finish within ${this.config.buildTimeoutMs} ms`
-        : e instanceof BuildInputError
+        : e instanceof ServiceError
           ? e.message
           : /^buildah exited/.test((e as Error).message)
             ? `the Dockerfile build failed: ${lastStep(this.logs, build.id)}`

@@ -3,6 +3,7 @@ import path from 'node:path';
 import type { FastifyBaseLogger } from 'fastify';
 import type { Config } from '../config.js';
 import type { ImageConfig, ImageRecord, Page, Store } from '../store/store.js';
+import { ServiceError } from '../util/errors.js';
 import { newId } from '../util/ids.js';
 import { Semaphore } from '../util/semaphore.js';
 import { BlobCache } from './blob-cache.js';
@@ -17,13 +18,6 @@ export interface ImportRequest {
   imageUri: string;
   password: string;
   username?: string;
-}
-
-/** A request the caller must fix; the API answers 400 naming `field`. */
-export class InvalidRequestError extends Error {
-  constructor(readonly field: string, message: string) {
-    super(message);
-  }
 }
 
 interface Job {
@@ -80,14 +74,15 @@ export class ImageService {
     try {
       ref = parseImageUri(req.imageUri);
     } catch (err) {
-      throw new InvalidRequestError('imageUri', (err as Error).message);
+      throw new ServiceError(400, (err as Error).message, 'imageUri');
     }
     const hostOnly = ref.registry.replace(/:\d+$/, '').toLowerCase();
     const insecureAllowed = isLoopbackHost(ref.registry) || this.config.insecureRegistries.some((r) => r === ref.registry.toLowerCase() || r === hostOnly);
     if (ref.scheme === 'http' && !insecureAllowed) {
-      throw new InvalidRequestError(
-        'imageUri',
+      throw new ServiceError(
+        400,
         `plain HTTP to ${ref.registry} is not allowed: only loopback registries and those in CAKEWORK_INSECURE_REGISTRIES may use http`,
+        'imageUri',
       );
     }
     const job: Job = {

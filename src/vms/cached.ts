@@ -5,13 +5,14 @@ import type { Config } from '../config.js';
 import type { LogService } from '../logs/service.js';
 import type { Route } from '../proxy/proxy.js';
 import type { Store, VmRecord } from '../store/store.js';
+import { ServiceError } from '../util/errors.js';
 import { run } from '../util/exec.js';
 import { newId } from '../util/ids.js';
 import { encodeGuestRun, guestRun } from './guest.js';
 import { Machine, type MachineSpec } from './machine.js';
 import type { Link } from './network.js';
 import { makeScratchDisk } from './scratch.js';
-import { portOpens, VmError, type VmService } from './service.js';
+import { portOpens, type VmService } from './service.js';
 
 export interface CacheVmRequest {
   imageId: string;
@@ -138,7 +139,7 @@ export class CachedVmService {
 
   private async launchForRestore(vm: VmRecord, warm: boolean): Promise<Prepared> {
     const image = this.store.getImageById(vm.imageId);
-    if (!image?.rootfsPath || !fs.existsSync(image.rootfsPath)) throw new VmError(409, `the image disk of cached VM ${vm.id} is gone`);
+    if (!image?.rootfsPath || !fs.existsSync(image.rootfsPath)) throw new ServiceError(409, `the image disk of cached VM ${vm.id} is gone`);
     const link = this.vms.network.link(vm.slot!);
     const runDir = path.join(this.vmsDir, vm.id);
     try {
@@ -212,13 +213,13 @@ export class CachedVmService {
 
   private mustGet(accountId: string, id: string): VmRecord {
     const vm = this.get(accountId, id);
-    if (!vm) throw new VmError(404, `cached VM ${id} does not exist`);
+    if (!vm) throw new ServiceError(404, `cached VM ${id} does not exist`);
     return vm;
   }
 
   /** Boots, waits until the app listens on `port`, snapshots, stops. Answers once the snapshot exists. */
   async cache(accountId: string, req: CacheVmRequest): Promise<VmRecord> {
-    if (this.vms.unavailable) throw new VmError(501, `VMs are not available on this server: ${this.vms.unavailable}`);
+    if (this.vms.unavailable) throw new ServiceError(501, `VMs are not available on this server: ${this.vms.unavailable}`);
     const image = await this.vms.readyImage(accountId, req.imageId);
     const cpu = req.cpu ?? 1;
     const memory = req.memory ?? 256;
@@ -324,9 +325,9 @@ export class CachedVmService {
     if (vm.state === 'started') return Promise.resolve(vm);
     const pending = this.starting.get(vm.id);
     if (pending) return pending;
-    if (vm.state === 'destroyed') throw new VmError(409, `cached VM ${vm.id} was destroyed`);
-    if (vm.state === 'failed') throw new VmError(409, `cached VM ${vm.id} failed: ${vm.error}`);
-    if (vm.state !== 'stopped') throw new VmError(409, `cached VM ${vm.id} is ${vm.state}; try again in a moment`);
+    if (vm.state === 'destroyed') throw new ServiceError(409, `cached VM ${vm.id} was destroyed`);
+    if (vm.state === 'failed') throw new ServiceError(409, `cached VM ${vm.id} failed: ${vm.error}`);
+    if (vm.state !== 'stopped') throw new ServiceError(409, `cached VM ${vm.id} is ${vm.state}; try again in a moment`);
     const p = this.restore(vm).finally(() => this.starting.delete(vm.id));
     this.starting.set(vm.id, p);
     return p;
@@ -354,7 +355,7 @@ export class CachedVmService {
       const reason = `run ${run}: could not restore the snapshot: ${(err as Error).message}`;
       this.logs.append(vm.id, 'platform', reason);
       this.store.updateVm(vm.id, { state: 'stopped', error: reason, pid: null });
-      throw err instanceof VmError ? err : new VmError(503, reason);
+      throw err instanceof ServiceError ? err : new ServiceError(503, reason);
     }
     const entry: Running = { machine: prep.machine, link: prep.link, stopRequested: false, lastRequest: Date.now() };
     this.running.set(vm.id, entry);
@@ -391,7 +392,7 @@ export class CachedVmService {
     await this.starting.get(id)?.catch(() => undefined);
     const entry = this.running.get(id);
     if (!entry) {
-      if (vm.state === 'destroyed') throw new VmError(409, `cached VM ${id} was destroyed`);
+      if (vm.state === 'destroyed') throw new ServiceError(409, `cached VM ${id} was destroyed`);
       return this.store.getVmById(id)!; // already stopped: stopping is idempotent
     }
     await this.stopEntry(id, entry, 'stopping: SIGTERM sent to the app');

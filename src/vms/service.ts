@@ -7,6 +7,7 @@ import type { Config } from '../config.js';
 import type { ImageService } from '../images/service.js';
 import type { LogService } from '../logs/service.js';
 import { LIVE_VM_STATES, type Page, type Store, type VmRecord } from '../store/store.js';
+import { ServiceError } from '../util/errors.js';
 import { newId } from '../util/ids.js';
 import { probeAccel } from './accel.js';
 import { admit } from './capacity.js';
@@ -54,17 +55,6 @@ export async function portOpens(host: string, port: number, timeoutMs: number, a
     await new Promise((r) => setTimeout(r, 20));
   }
   return false;
-}
-
-/** A refusal the API turns into an HTTP status with this message (and field, for 400). */
-export class VmError extends Error {
-  constructor(
-    readonly status: 400 | 404 | 409 | 429 | 501 | 503,
-    message: string,
-    readonly field?: string,
-  ) {
-    super(message);
-  }
 }
 
 interface Live {
@@ -207,7 +197,7 @@ export class VmService {
   }
 
   async start(accountId: string, req: StartVmRequest): Promise<VmRecord> {
-    if (this.unavailable) throw new VmError(501, `VMs are not available on this server: ${this.unavailable}`);
+    if (this.unavailable) throw new ServiceError(501, `VMs are not available on this server: ${this.unavailable}`);
     const image = await this.readyImage(accountId, req.imageId);
     const cpu = req.cpu ?? 1;
     const memory = req.memory ?? 256;
@@ -238,7 +228,7 @@ export class VmService {
       this.network.release(link.slot);
       this.removeRunDir(runDir);
       this.fail(vm.id, `could not launch the VM: ${(err as Error).message}`);
-      throw new VmError(503, `could not launch the VM: ${(err as Error).message}`);
+      throw new ServiceError(503, `could not launch the VM: ${(err as Error).message}`);
     }
     const entry: Live = { machine, link, stopRequested: false };
     this.live.set(vm.id, entry);
@@ -275,7 +265,7 @@ export class VmService {
       this.store.countLiveVms(accountId),
       { memoryMb, cpus },
     );
-    if (refusal) throw new VmError(refusal.status, refusal.message);
+    if (refusal) throw new ServiceError(refusal.status, refusal.message);
   }
 
   /** An image that can run now: waits (bounded) for one still importing, refuses a failed one. */
@@ -283,11 +273,11 @@ export class VmService {
     const deadline = Date.now() + this.config.imageWaitMs;
     for (;;) {
       const image = this.images.getImage(accountId, imageId);
-      if (!image) throw new VmError(404, `image ${imageId} does not exist`, 'imageId');
-      if (image.status === 'failed') throw new VmError(400, `image ${imageId} failed to import: ${image.error}`, 'imageId');
+      if (!image) throw new ServiceError(404, `image ${imageId} does not exist`, 'imageId');
+      if (image.status === 'failed') throw new ServiceError(400, `image ${imageId} failed to import: ${image.error}`, 'imageId');
       if (image.status === 'ready' && image.config && image.rootfsPath) return image;
       if (Date.now() >= deadline) {
-        throw new VmError(409, `image ${imageId} is still importing (${image.phase ?? 'queued'}); start the VM once GET /v1/image/${imageId} says ready`);
+        throw new ServiceError(409, `image ${imageId} is still importing (${image.phase ?? 'queued'}); start the VM once GET /v1/image/${imageId} says ready`);
       }
       await new Promise((r) => setTimeout(r, 100));
     }
@@ -302,9 +292,9 @@ export class VmService {
 
   async stop(accountId: string, id: string): Promise<VmRecord> {
     const vm = this.store.getVm(accountId, id);
-    if (!vm || vm.kind !== 'vm') throw new VmError(404, `VM ${id} does not exist`);
+    if (!vm || vm.kind !== 'vm') throw new ServiceError(404, `VM ${id} does not exist`);
     const entry = this.live.get(id);
-    if (!entry) throw new VmError(409, `VM ${id} is not running (state ${vm.state})`);
+    if (!entry) throw new ServiceError(409, `VM ${id} is not running (state ${vm.state})`);
     if (!entry.stopRequested) {
       entry.stopRequested = true;
       this.store.updateVm(id, { state: 'stopping' });

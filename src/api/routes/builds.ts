@@ -1,9 +1,10 @@
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
-import { BuildInputError, checkFiles } from '../../builds/context.js';
+import { checkFiles } from '../../builds/context.js';
 import type { BuildService } from '../../builds/service.js';
 import type { LogService } from '../../logs/service.js';
 import type { BuildRecord } from '../../store/store.js';
-import { ApiError, notFound } from '../errors.js';
+import { notFound } from '../errors.js';
+import { iso, isoOrNull } from '../format.js';
 import { sendLogs } from '../logs.js';
 import { BuildFromFilesBody, BuildFromGithubBody, BuildIdParams, BuildView, ErrorSchema, LogsQuery, LogsResponse } from '../schemas.js';
 
@@ -18,16 +19,11 @@ export const buildRoutes =
       imageId: r.imageId,
       status: r.status,
       error: r.error,
-      createdAt: new Date(r.createdAt).toISOString(),
-      updatedAt: new Date(r.updatedAt).toISOString(),
-      startedAt: r.startedAt ? new Date(r.startedAt).toISOString() : null,
-      finishedAt: r.finishedAt ? new Date(r.finishedAt).toISOString() : null,
+      createdAt: iso(r.createdAt),
+      updatedAt: iso(r.updatedAt),
+      startedAt: isoOrNull(r.startedAt),
+      finishedAt: isoOrNull(r.finishedAt),
     });
-    const invalid = (err: unknown): never => {
-      if (err instanceof BuildInputError) throw new ApiError(400, 'invalid_request', err.message, err.field);
-      throw err;
-    };
-
     app.post(
       '/v1/image/build/github',
       {
@@ -48,12 +44,7 @@ export const buildRoutes =
       { schema: { ...b, summary: 'buildImageFromFiles: build from files given in the request; returns at once', body: BuildFromFilesBody, response: { 200: BuildView, ...errors } } },
       async (req) => {
         const { dockerfile, dockerignore, files } = req.body;
-        let rels: string[] = [];
-        try {
-          rels = checkFiles(files);
-        } catch (err) {
-          invalid(err);
-        }
+        const rels = checkFiles(files);
         return view(deps.builds.start(req.accountId, { dockerfile, dockerignore, source: { kind: 'files', files, rels } }));
       },
     );

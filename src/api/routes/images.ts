@@ -1,9 +1,9 @@
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
 import type { ImageService } from '../../images/service.js';
-import { InvalidRequestError } from '../../images/service.js';
 import type { ImageRecord } from '../../store/store.js';
 import { parseCursor, parseLimit } from '../params.js';
-import { ApiError, notFound } from '../errors.js';
+import { notFound } from '../errors.js';
+import { iso } from '../format.js';
 import { ImageIdParams, ImageList, ImportImageBody, ImportImageResponse, PageQuery, ErrorSchema } from '../schemas.js';
 
 export function imageView(img: ImageRecord) {
@@ -17,8 +17,8 @@ export function imageView(img: ImageRecord) {
     progress: { phase: img.phase, downloadedBytes: img.progressBytes, totalBytes: img.totalBytes },
     error: img.error,
     config: img.config,
-    createdAt: new Date(img.createdAt).toISOString(),
-    updatedAt: new Date(img.updatedAt).toISOString(),
+    createdAt: iso(img.createdAt),
+    updatedAt: iso(img.updatedAt),
   };
 }
 
@@ -37,15 +37,7 @@ export const imageRoutes =
           response: { 200: ImportImageResponse, ...errors },
         },
       },
-      async (req) => {
-        try {
-          const img = images.startImport(req.accountId, req.body);
-          return { imageId: img.id };
-        } catch (err) {
-          if (err instanceof InvalidRequestError) throw new ApiError(400, 'invalid_request', err.message, err.field);
-          throw err;
-        }
-      },
+      async (req) => ({ imageId: images.startImport(req.accountId, req.body).id }),
     );
 
     app.get(

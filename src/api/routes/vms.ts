@@ -1,8 +1,9 @@
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
 import type { LogService } from '../../logs/service.js';
 import type { VmRecord } from '../../store/store.js';
-import { VmError, type VmService } from '../../vms/service.js';
-import { ApiError, notFound } from '../errors.js';
+import type { VmService } from '../../vms/service.js';
+import { notFound } from '../errors.js';
+import { iso, isoOrNull } from '../format.js';
 import { sendLogs } from '../logs.js';
 import { CacheVmBody, ErrorSchema, IdParams, ListVmsQuery, LogsQuery, LogsResponse, StartVmBody, VmList } from '../schemas.js';
 import { parseCursor, parseLimit } from '../params.js';
@@ -32,15 +33,11 @@ export const vmRoutes =
       ...(vm.volumeGb !== null ? { volumeGB: vm.volumeGb } : {}),
       exitCode: vm.exitCode,
       error: vm.error,
-      createdAt: new Date(vm.createdAt).toISOString(),
-      updatedAt: new Date(vm.updatedAt).toISOString(),
-      startedAt: vm.startedAt ? new Date(vm.startedAt).toISOString() : null,
-      stoppedAt: vm.stoppedAt ? new Date(vm.stoppedAt).toISOString() : null,
+      createdAt: iso(vm.createdAt),
+      updatedAt: iso(vm.updatedAt),
+      startedAt: isoOrNull(vm.startedAt),
+      stoppedAt: isoOrNull(vm.stoppedAt),
     });
-    const translate = (err: unknown): never => {
-      if (err instanceof VmError) throw new ApiError(err.status, err.status === 404 ? 'not_found' : err.status === 400 ? 'invalid_request' : err.status === 409 ? 'conflict' : err.status === 501 ? 'not_implemented' : 'unavailable', err.message, err.field);
-      throw err;
-    };
     const vm = { tags: ['vms'] };
     const cvm = { tags: ['cached vms'] };
     const cachedView = (c: VmRecord) => ({
@@ -62,12 +59,12 @@ export const vmRoutes =
           response: { 200: { $ref: 'Vm#' }, ...errors },
         },
       },
-      async (req) => view(await deps.vms.start(req.accountId, req.body).catch(translate)),
+      async (req) => view(await deps.vms.start(req.accountId, req.body)),
     );
     app.post(
       '/v1/vm/:id/stop',
       { schema: { ...vm, summary: 'stopVM: SIGTERM to the app, hard stop after the grace period', params: IdParams, response: { 200: { $ref: 'Vm#' }, ...errors } } },
-      async (req) => view(await deps.vms.stop(req.accountId, req.params.id).catch(translate)),
+      async (req) => view(await deps.vms.stop(req.accountId, req.params.id)),
     );
     app.get(
       '/v1/vm/:id',
@@ -114,7 +111,7 @@ export const vmRoutes =
           response: cachedResponse,
         },
       },
-      async (req) => cachedView(await deps.vms.cached.cache(req.accountId, req.body).catch(translate)),
+      async (req) => cachedView(await deps.vms.cached.cache(req.accountId, req.body)),
     );
     app.get(
       '/v1/vm/cached/:id',
@@ -128,19 +125,19 @@ export const vmRoutes =
     app.post(
       '/v1/vm/cached/:id/start',
       { schema: { ...cvm, summary: 'startCachedVM: restore the snapshot (idempotent when started)', params: IdParams, response: cachedResponse } },
-      async (req) => cachedView(await deps.vms.cached.start(req.accountId, req.params.id).catch(translate)),
+      async (req) => cachedView(await deps.vms.cached.start(req.accountId, req.params.id)),
     );
     app.post(
       '/v1/vm/cached/:id/stop',
       { schema: { ...cvm, summary: 'stopCachedVM: stop it and keep the snapshot (idempotent when stopped)', params: IdParams, response: cachedResponse } },
-      async (req) => cachedView(await deps.vms.cached.stop(req.accountId, req.params.id).catch(translate)),
+      async (req) => cachedView(await deps.vms.cached.stop(req.accountId, req.params.id)),
     );
     for (const [url, summary] of [
       ['/v1/vm/cached/:id/destroy', 'destroyCachedVM (documented path): delete the snapshot; the record stays as destroyed'],
       ['/v1/vm/:id/destroy', 'destroyCachedVM (the path the published SDK calls)'],
     ] as const) {
       app.post(url, { schema: { ...cvm, summary, params: IdParams, response: cachedResponse } }, async (req) =>
-        cachedView(await deps.vms.cached.destroy(req.accountId, req.params.id).catch(translate)),
+        cachedView(await deps.vms.cached.destroy(req.accountId, req.params.id)),
       );
     }
     app.get(
